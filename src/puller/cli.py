@@ -1,0 +1,221 @@
+"""The `puller` command: parse arguments, build the parts, map outcomes to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from puller import __version__, client, errors, logs, pipeline
+from puller.config import PullerConfig, load_config
+from puller.domain import RunResult, Scope
+from puller.store import ScopeStatus, Store
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+DEFAULT_CONCURRENCY = 8
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the `puller` command; the only place that exits the process."""
+    sys.exit(run(argv))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run a command and return its exit code: 0 ok, 1 a run/store failed, 2 usage/config."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    logs.configure(json=args.log_json, level=args.log_level)
+    try:
+        code: int = args.handler(args)
+    except errors.ConfigError as exc:
+        print(f"puller: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except errors.PullerError as exc:
+        print(f"puller: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="puller", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"puller {__version__}")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-json", action="store_true", default=None,
+                        help="JSON log lines even on a terminal (default: JSON off a terminal)")
+    sub = parser.add_subparsers(dest="command")
+
+    pull = sub.add_parser("pull", help="pull tenants/scopes now, then exit (for cron)")
+    pull.add_argument("--config", required=True, type=Path)
+    pull.add_argument("--tenant", action="append", default=[], help="repeatable; default all")
+    pull.add_argument("--scope", action="append", default=[],
+                      help="customer/order/product or 1/2/3; repeatable; default all")
+    pull.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                      help="runs at once across tenants (default %(default)s)")
+    pull.add_argument("--json", action="store_true", help="print the summary as JSON")
+    pull.set_defaults(handler=_cmd_pull)
+
+    status = sub.add_parser("status", help="checkpoint and last run per tenant and scope")
+    status.add_argument("--config", required=True, type=Path)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=_cmd_status)
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a config file without running")
+    check.add_argument("path", type=Path)
+    check.set_defaults(handler=_cmd_config_check)
+    return parser
+
+
+def read_config(path: Path) -> PullerConfig:
+    """Read and validate a config file; a missing file is a config error."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise errors.ConfigError(
+            path=str(path), problem=f"cannot read the file ({exc.strerror})",
+            hint="check the --config path",
+        ) from None
+    return load_config(text, os.environ, source=str(path))
+
+
+def select_jobs(config: PullerConfig, tenants: Sequence[str], scopes: Sequence[str],
+                *, trigger: str) -> list[pipeline.Job]:
+    """The (tenant, scope) pairs named on the command line, all configured ones by default."""
+    chosen = [config.tenant(t) for t in dict.fromkeys(tenants)] if tenants else config.tenants
+    wanted = [Scope.parse(s) for s in scopes]
+    jobs = []
+    for tenant in chosen:
+        for scope in wanted or list(tenant.callbacks):
+            if scope in tenant.callbacks:
+                jobs.append(pipeline.Job(tenant=tenant, scope=scope, trigger=trigger))
+            elif tenants:
+                raise errors.ConfigError(
+                    path=f"tenants[{tenant.id}].callbacks",
+                    problem=f"tenant {tenant.id} has no {scope.value} callback",
+                    hint=f"configured: {', '.join(s.value for s in tenant.callbacks)}",
+                )
+    if not jobs:
+        raise errors.ConfigError(path="tenants", problem="nothing to pull",
+                                 hint="register a tenant with at least one callback")
+    return jobs
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    config = read_config(args.config)
+    jobs = select_jobs(config, args.tenant, args.scope, trigger="manual")
+    store = Store.open(config.store)
+    try:
+        results = asyncio.run(_pull(config, jobs, store, concurrency=max(1, args.concurrency)))
+    finally:
+        store.close()
+    _print_summary(results, as_json=args.json)
+    return EXIT_OK if all(r.status == "succeeded" for r in results) else EXIT_FAILED
+
+
+async def _pull(config: PullerConfig, jobs: Sequence[pipeline.Job], store: Store, *,
+                concurrency: int) -> list[RunResult]:
+    main_task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    if main_task is not None:
+        # SIGTERM from cron/systemd: cancel like Ctrl-C, so runs are recorded as interrupted.
+        loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
+    clock = pipeline.SystemClock()
+    async with client.build_http_client(
+        allow_private_networks=config.allow_private_networks
+    ) as http:
+        async def run_one(job: pipeline.Job) -> RunResult:
+            source = client.CallbackSource(
+                http, tenant=job.tenant, scope=job.scope, callback=job.callback,
+                policy=config.retry,
+            )
+            return await pipeline.run_sweep(job, source=source, sink=store, clock=clock)
+
+        return await pipeline.run_all(jobs, run_one, max_concurrent=concurrency)
+
+
+def _print_summary(results: Sequence[RunResult], *, as_json: bool) -> None:
+    rows = [
+        {"run_id": r.run_id, "tenant": r.tenant, "scope": r.scope.value, "status": r.status,
+         "pages": r.stats.pages, "accepted": r.stats.accepted, "rejected": r.stats.rejected,
+         "stale": r.stats.stale, "normalised": r.stats.normalised,
+         "acks_failed": r.stats.acks_failed, "duration_s": round(r.duration_s, 3),
+         "error": r.error}
+        for r in results
+    ]
+    if as_json:
+        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    _print_table("puller pull", rows, ["tenant", "scope", "status", "pages", "accepted",
+                                       "rejected", "stale", "duration_s", "run_id"])
+    for row in rows:
+        if row["error"]:
+            print(f"  run {row['run_id']} ({row['tenant']}/{row['scope']}): {row['error']}")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    config = read_config(args.config)
+    pairs = [(t.id, s) for t in config.tenants for s in t.callbacks]
+    store = Store.open(config.store)
+    try:
+        statuses = store.status(pairs)
+    finally:
+        store.close()
+    rows = [_status_row(s) for s in statuses]
+    if args.json:
+        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        _print_table("puller status", rows, ["tenant", "scope", "next", "last_run",
+                                             "last_status", "last_started_at", "pages",
+                                             "accepted", "rejected", "stale"])
+    return EXIT_OK
+
+
+def _status_row(status: ScopeStatus) -> dict[str, Any]:
+    cp = status.checkpoint
+    if cp is None or cp.is_fresh:
+        position = "page 1 (fresh sweep)"
+    elif cp.next_page is not None:
+        position = f"page {cp.next_page}"
+    else:
+        position = f"page {cp.next_number} (cursor {str(cp.next_cursor)[:24]})"
+    run = status.last_run or {}
+    started = run.get("started_at")
+    return {
+        "tenant": status.tenant, "scope": status.scope, "next": position,
+        "last_run": run.get("id"), "last_status": run.get("status", "never run"),
+        "last_started_at": started.isoformat() if started else None,
+        "pages": run.get("pages"), "accepted": run.get("accepted"),
+        "rejected": run.get("rejected"), "stale": run.get("stale"), "error": run.get("error"),
+    }
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    config = read_config(args.path)
+    callbacks = sum(len(t.callbacks) for t in config.tenants)
+    print(f"{args.path}: valid — {len(config.tenants)} tenants, {callbacks} callbacks")
+    return EXIT_OK
+
+
+def _print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right" if column not in ("tenant", "scope") else "left")
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    Console(width=max(120, Console().width)).print(table)

@@ -1,0 +1,254 @@
+"""The only httpx user: fetch a page, acknowledge it, guard addresses, cap bodies, map errors."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, TypedDict
+from urllib.parse import urlsplit
+
+import httpcore
+import httpx
+
+from puller import errors, protocol, retry
+from puller.config import CallbackConfig, RetryConfig, TenantConfig
+from puller.domain import Ack, PageRequest, Scope
+
+USER_AGENT = "puller/0.1"
+MAX_CONNECTIONS = 100
+CONNECT_TIMEOUT_S = 10.0
+
+Sleep = Callable[[float], Awaitable[None]]
+RetryHook = Callable[[BaseException, float], None]
+
+
+class _Where(TypedDict):
+    tenant: str
+    scope: str
+    page: str
+
+
+class _RefusedAddress(Exception):
+    def __init__(self, host: str, address: str) -> None:
+        super().__init__(f"{host} -> {address}")
+        self.host = host
+        self.address = address
+
+
+def is_forbidden(address: str) -> bool:
+    """Loopback, private, link-local (incl. cloud metadata), multicast, reserved, unspecified."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """Resolves the host itself, refuses forbidden addresses, connects to the checked address.
+
+    Connecting to the very address that was checked closes the DNS-rebinding gap between
+    check and connect; TLS still verifies the certificate against the host name (SNI).
+    """
+
+    def __init__(self, *, allow_private: bool) -> None:
+        self._inner = httpcore.AnyIOBackend()
+        self._allow_private = allow_private
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not self._allow_private:
+            for address in addresses:
+                if is_forbidden(address):
+                    raise _RefusedAddress(host, address)
+        last: Exception = httpcore.ConnectError(f"no address for {host}")
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(
+                    address, port, timeout=timeout, local_address=local_address,
+                    socket_options=socket_options,
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        raise last
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None,  # noqa: ASYNC109
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("unix sockets are not used by puller")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def build_http_client(
+    *, allow_private_networks: bool, ca_bundle: str | None = None
+) -> httpx.AsyncClient:
+    """An AsyncClient whose every connection passes the address guard; redirects off.
+
+    TLS certificates are always verified, against `ca_bundle` when a tenant pins one.
+    """
+    tls = ssl.create_default_context(cafile=ca_bundle)
+    transport = httpx.AsyncHTTPTransport(verify=tls, trust_env=False)
+    # httpx has no public hook for the network backend; the pool is rebuilt exactly as
+    # AsyncHTTPTransport builds it, plus the guard (see httpx/_transports/default.py).
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=tls,
+        max_connections=MAX_CONNECTIONS,
+        max_keepalive_connections=MAX_CONNECTIONS,
+        keepalive_expiry=5.0,
+        network_backend=GuardedBackend(allow_private=allow_private_networks),
+    )
+    return httpx.AsyncClient(
+        transport=transport, follow_redirects=False, trust_env=False,
+        headers={"User-Agent": USER_AGENT},
+    )
+
+
+class CallbackSource:
+    """A PageSource for one (tenant, scope) over httpx, with retries."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        tenant: TenantConfig,
+        scope: Scope,
+        callback: CallbackConfig,
+        policy: RetryConfig,
+        sleep: Sleep = asyncio.sleep,
+        on_retry: RetryHook | None = None,
+    ) -> None:
+        self._http = http
+        self._tenant = tenant
+        self._scope = scope
+        self._callback = callback
+        self._policy = policy
+        self._sleep = sleep
+        self._on_retry = on_retry
+        self._headers = {**tenant.header_values(), "Content-Type": "application/json"}
+
+    async def fetch_page(self, request: PageRequest) -> bytes:
+        """The raw body of one page, retried on transient failures.
+
+        Raises:
+            errors.CallbackError: a subclass saying what failed and what to do.
+        """
+        body = protocol.request_body(self._tenant.shop)
+        params = protocol.request_params(request)
+        async for attempt in self._retrying():
+            with attempt:
+                return await self._post(self._callback.url, body, params=params,
+                                        page=request.label, cap=self._callback.max_page_bytes)
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def acknowledge(self, ack: Ack) -> None:
+        """POST the delivery acknowledgement to commit_url, retried; raises errors.AckError."""
+        url = self._callback.commit_url
+        if url is None:
+            return
+        body = protocol.ack_body(
+            shop=self._tenant.shop, scope=self._scope, request=ack.request, run_id=ack.run_id,
+            accepted=ack.accepted, rejected=ack.rejected,
+        )
+        try:
+            async for attempt in self._retrying():
+                with attempt:
+                    await self._post(url, body, params={}, page=ack.request.label, cap=65_536)
+        except errors.CallbackError as exc:
+            raise errors.AckError(tenant=self._tenant.id, scope=self._scope.value,
+                                  page=ack.request.label, reason=str(exc.args[0])) from exc
+
+    def _retrying(self) -> Any:
+        return retry.retrying(self._policy, sleep=self._sleep, on_retry=self._on_retry)
+
+    async def _post(self, url: str, body: bytes, *, params: dict[str, str], page: str,
+                    cap: int) -> bytes:
+        where = _Where(tenant=self._tenant.id, scope=self._scope.value, page=page)
+        path = urlsplit(url).path or "/"
+        try:
+            async with self._http.stream(
+                "POST", url, params=params, content=body, headers=self._headers,
+                timeout=httpx.Timeout(self._callback.timeout_s, connect=CONNECT_TIMEOUT_S),
+            ) as response:
+                _check_status(response, path=path, where=where)
+                return await _read_capped(response, cap=cap, where=where)
+        except _RefusedAddress as exc:
+            raise errors.ForbiddenAddressError(
+                **where, host=exc.host, address=exc.address) from None
+        except httpx.DecodingError as exc:
+            raise errors.BrokenPageError(
+                **where, reason=f"the body could not be decoded ({_short(exc)}); report it "
+                "to the tenant") from None
+        except httpx.TimeoutException as exc:
+            raise errors.TransientCallbackError(
+                **where, reason=f"{type(exc).__name__} on POST {path}") from None
+        except httpx.TransportError as exc:
+            raise errors.TransientCallbackError(
+                **where, reason=f"{type(exc).__name__} on POST {path}: {_short(exc)}") from None
+
+
+def _check_status(response: httpx.Response, *, path: str, where: _Where) -> None:
+    verdict = retry.classify(response.status_code)
+    if verdict == "ok":
+        return
+    status = response.status_code
+    if verdict == "transient":
+        wait = retry.retry_after_s(response.headers.get("Retry-After"), datetime.now(UTC))
+        raise errors.TransientCallbackError(
+            **where, reason=f"HTTP {status} from POST {path}", retry_after_s=wait, status=status
+        )
+    if verdict == "redirect":
+        target = urlsplit(response.headers.get("Location", "")).path or "?"
+        raise errors.FatalCallbackError(
+            **where, status=status,
+            reason=f"HTTP {status} redirect from POST {path} to {target} — redirects are not "
+            "followed; register the final URL in the config",
+        )
+    raise errors.FatalCallbackError(
+        **where, status=status,
+        reason=f"HTTP {status} from POST {path} — not retried; check the URL and the "
+        "tenant's headers/credentials in the config",
+    )
+
+
+async def _read_capped(response: httpx.Response, *, cap: int, where: _Where) -> bytes:
+    declared = response.headers.get("Content-Length")
+    too_big = (
+        f"response body exceeds max_page_bytes={cap} — lower page_size, or raise "
+        "max_page_bytes if the tenant's pages really are this large"
+    )
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise errors.BrokenPageError(**where, reason=too_big)
+    chunks: list[bytes] = []
+    total = 0
+    # aiter_bytes yields decoded bytes, so a gzip bomb is stopped at the cap as it inflates.
+    async for chunk in response.aiter_bytes():
+        total += len(chunk)
+        if total > cap:
+            raise errors.BrokenPageError(**where, reason=too_big)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else "no detail"

@@ -1,0 +1,270 @@
+"""Turns YAML text and an environment mapping into frozen, validated config models."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from puller import errors
+from puller.domain import PaginationMode, Scope
+
+STORE_URL_ENV = "PULLER_STORE_URL"
+DEFAULT_STORE_URL = "sqlite:///var/puller.db"
+DEFAULT_MAX_PAGES = 100_000
+DEFAULT_MAX_PAGE_BYTES = 32 * 1024 * 1024
+DEFAULT_TIMEOUT_S = 30.0
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def parse_duration_s(value: object) -> float:
+    """Read `30s`, `15m`, `2h`, `1d` or a bare number of seconds into float seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number with a unit, such as 30s, 15m, 2h or 1d")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(
+                f"{value!r} is not a duration; write a number with a unit: s, m, h or d "
+                "(e.g. 30s, 15m)"
+            )
+        seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    if seconds <= 0:
+        raise ValueError("a duration must be greater than zero")
+    return seconds
+
+
+DurationS = Annotated[float, BeforeValidator(parse_duration_s)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class RetryConfig(_Frozen):
+    """How often and how patiently a transient failure of one request is retried (SPEC §5)."""
+
+    attempts: int = Field(default=5, ge=1, le=20)
+    initial_wait_s: DurationS = Field(default=0.5, alias="initial_wait")
+    max_wait_s: DurationS = Field(default=30.0, alias="max_wait")
+
+
+class ScheduleConfig(_Frozen):
+    """When the worker runs a callback: `{every: 15m}` or `{cron: "*/15 * * * *"}`."""
+
+    every_s: DurationS | None = Field(default=None, alias="every")
+    cron: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ScheduleConfig:
+        if (self.every_s is None) == (self.cron is None):
+            raise ValueError("give exactly one of `every` (e.g. 15m) or `cron` (5 fields)")
+        if self.cron is not None and len(self.cron.split()) != 5:
+            raise ValueError(
+                f"cron {self.cron!r} needs 5 fields: minute hour day month weekday"
+            )
+        return self
+
+
+def _check_url(value: str, *, key: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{key} must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError(f"{key} has no host")
+    if parts.username or parts.password:
+        raise ValueError(
+            f"{key} must not carry credentials; put them in `headers` with ${{VAR}}"
+        )
+    return value
+
+
+class CallbackConfig(_Frozen):
+    """One scope's export endpoint of one tenant."""
+
+    url: str
+    pagination: PaginationMode = "page"
+    page_size: int = Field(default=100, ge=1, le=10_000)
+    schedule: ScheduleConfig | None = None
+    commit_url: str | None = None
+    max_pages: int = Field(default=DEFAULT_MAX_PAGES, ge=1)
+    max_page_bytes: int = Field(default=DEFAULT_MAX_PAGE_BYTES, ge=1024)
+    timeout_s: DurationS = Field(default=DEFAULT_TIMEOUT_S, alias="timeout")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value, key="url")
+
+    @field_validator("commit_url")
+    @classmethod
+    def _commit_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value, key="commit_url")
+
+
+def _scope_keys(value: object) -> object:
+    if not isinstance(value, Mapping):
+        return value
+    parsed: dict[Scope, object] = {}
+    for key, callback in value.items():
+        try:
+            scope = Scope.parse(key)
+        except errors.ConfigError as exc:
+            raise ValueError(f"{exc.problem}; {exc.hint}") from None
+        if scope in parsed:
+            raise ValueError(f"scope {scope.value} is configured twice (by name and by id)")
+        parsed[scope] = callback
+    return parsed
+
+
+class TenantConfig(_Frozen):
+    """A registered tenant: its shop, its headers (secrets from env) and one callback per scope."""
+
+    id: str = Field(pattern=r"^[a-z0-9_-]{1,64}$")
+    shop: str = Field(min_length=1, max_length=255)
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    normalize_case: bool = False
+    callbacks: Annotated[dict[Scope, CallbackConfig], BeforeValidator(_scope_keys)] = Field(
+        min_length=1
+    )
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name in value:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+        return value
+
+    def header_values(self) -> dict[str, str]:
+        """The real header values, for the HTTP client only."""
+        return {name: secret.get_secret_value() for name, secret in self.headers.items()}
+
+
+class PullerConfig(_Frozen):
+    """The whole configuration file."""
+
+    store: str = DEFAULT_STORE_URL
+    allow_private_networks: bool = False
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    tenants: list[TenantConfig] = Field(default_factory=list)
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique_ids(cls, value: list[TenantConfig]) -> list[TenantConfig]:
+        seen: set[str] = set()
+        for tenant in value:
+            if tenant.id in seen:
+                raise ValueError(f"tenant id {tenant.id!r} is used twice; ids must be unique")
+            seen.add(tenant.id)
+        return value
+
+    def tenant(self, tenant_id: str) -> TenantConfig:
+        for tenant in self.tenants:
+            if tenant.id == tenant_id:
+                return tenant
+        known = ", ".join(t.id for t in self.tenants) or "(none)"
+        raise errors.ConfigError(
+            path="tenants", problem=f"no tenant {tenant_id!r}", hint=f"configured: {known}"
+        )
+
+
+def load_config(text: str, env: Mapping[str, str], *, source: str = "config") -> PullerConfig:
+    """Parse YAML text, substitute `${VAR}` from `env`, validate, apply env overrides.
+
+    Raises:
+        errors.ConfigError: naming the key path, what is wrong and what to do.
+    """
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise errors.ConfigError(
+            path=where, problem=f"{problem}", hint=f"fix the YAML syntax in {source}"
+        ) from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise errors.ConfigError(
+            path="(top)", problem="the file must be a mapping of keys", hint="see the example"
+        )
+    tree = _substitute(tree, env, path="")
+    if env.get(STORE_URL_ENV):
+        tree["store"] = env[STORE_URL_ENV]
+    try:
+        return PullerConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise _config_error(exc) from None
+
+
+def _substitute(node: Any, env: Mapping[str, str], *, path: str) -> Any:
+    if isinstance(node, str):
+        return _ENV_REF.sub(lambda m: _env_value(m.group(1), env, path=path), node)
+    if isinstance(node, dict):
+        return {k: _substitute(v, env, path=_join(path, k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, env, path=f"{path}[{i}]") for i, v in enumerate(node)]
+    return node
+
+
+def _env_value(name: str, env: Mapping[str, str], *, path: str) -> str:
+    if name not in env:
+        raise errors.ConfigError(
+            path=path,
+            problem=f"environment variable {name} is not set",
+            hint=f"export {name} before starting puller",
+        )
+    return env[name]
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _config_error(exc: ValidationError) -> errors.ConfigError:
+    problems = []
+    for err in exc.errors():
+        path = ""
+        for part in err["loc"]:
+            path = f"{path}[{part}]" if isinstance(part, int) else _join(path, part)
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key; check its spelling against config/puller.example.yaml"
+        problems.append((path, message))
+    path, first = problems[0]
+    rest = "; ".join(f"{p}: {m}" for p, m in problems[1:])
+    return errors.ConfigError(
+        path=path, problem=first + (f" (also {rest})" if rest else ""), hint=""
+    )
+
+
+__all__ = [
+    "CallbackConfig",
+    "PullerConfig",
+    "RetryConfig",
+    "ScheduleConfig",
+    "TenantConfig",
+    "load_config",
+    "parse_duration_s",
+]

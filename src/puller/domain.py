@@ -1,0 +1,214 @@
+"""Value types shared by every layer: scopes, page requests, checkpoints, run statistics."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+from puller import errors
+
+Raw = dict[str, Any]
+"""A record exactly as the tenant sent it (decoded JSON object)."""
+
+PaginationMode = Literal["page", "cursor"]
+
+
+class Scope(enum.StrEnum):
+    """A kind of data a tenant exports; its value is the name, `id` the protocol number."""
+
+    CUSTOMER = "customer"
+    ORDER = "order"
+    PRODUCT = "product"
+
+    @property
+    def id(self) -> int:
+        return _SCOPE_IDS[self]
+
+    @property
+    def id_field(self) -> str:
+        return f"{self.value}_id"
+
+    @classmethod
+    def parse(cls, value: object) -> Scope:
+        """Accept a scope by name (`customer`) or id (`1`, as int or string)."""
+        if isinstance(value, Scope):
+            return value
+        text = str(value).strip().lower()
+        for scope in cls:
+            if text in (scope.value, str(scope.id)):
+                return scope
+        choices = ", ".join(f"{s.value} ({s.id})" for s in cls)
+        raise errors.ConfigError(
+            path="scope", problem=f"unknown scope {value!r}", hint=f"valid scopes: {choices}"
+        )
+
+
+_SCOPE_IDS = {Scope.CUSTOMER: 1, Scope.ORDER: 2, Scope.PRODUCT: 3}
+
+
+def import_waves(scopes: Iterable[Scope]) -> list[list[Scope]]:
+    """Group scopes into waves run one after another: customer+product, then order (SPEC §4)."""
+    wanted = set(scopes)
+    first: list[Scope] = [s for s in (Scope.CUSTOMER, Scope.PRODUCT) if s in wanted]
+    second = [Scope.ORDER] if Scope.ORDER in wanted else []
+    return [wave for wave in (first, second) if wave]
+
+
+@dataclass(frozen=True, slots=True)
+class PageRequest:
+    """One page to ask for: `number` counts pages within the sweep (1-based)."""
+
+    number: int
+    page_size: int
+    page: int | None = None
+    cursor: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How messages name this page: its page number, or its sequence number and cursor."""
+        if self.page is not None:
+            return str(self.page)
+        if self.cursor is None:
+            return f"{self.number} (first cursor page)"
+        return f"{self.number} (cursor {self.cursor[:40]!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """Which page an error is about, for messages: tenant, scope and page label."""
+
+    tenant: str
+    scope: Scope
+    page: str
+
+    def broken(self, reason: str) -> errors.BrokenPageError:
+        return errors.BrokenPageError(
+            tenant=self.tenant, scope=self.scope.value, page=self.page, reason=reason
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PageMeta:
+    """The `meta` object of a response envelope."""
+
+    has_next_page: bool
+    cursor: str | None = None
+    page: int | None = None
+    page_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A parsed response: tenant status, paging metadata, and the raw records."""
+
+    meta: PageMeta
+    data: list[Raw]
+    status: str | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Where the next run of a (tenant, scope) starts: the next page of the current sweep."""
+
+    next_number: int = 1
+    next_page: int | None = None
+    next_cursor: str | None = None
+
+    @property
+    def is_fresh(self) -> bool:
+        return self.next_number == 1
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A record that broke a rule: where it was, what it was, and every reason."""
+
+    position: int
+    raw: object
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A valid record, reduced to what the store needs."""
+
+    record_id: str
+    last_modified_at: datetime
+    deleted_at: datetime | None
+    columns: dict[str, Any]
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedPage:
+    """The result of validating one page."""
+
+    accepted: list[Accepted]
+    rejections: list[Rejection]
+    normalised: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PageOutcome:
+    """What one applied page changed in the store."""
+
+    applied: int
+    stale: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """What puller tells a tenant's commit_url after a page is durably stored."""
+
+    run_id: int
+    request: PageRequest
+    accepted: int
+    rejected: int
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Counters of one run, updated page by page."""
+
+    pages: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    stale: int = 0
+    normalised: int = 0
+    acks_failed: int = 0
+
+    def add(self, other: RunStats) -> None:
+        self.pages += other.pages
+        self.accepted += other.accepted
+        self.rejected += other.rejected
+        self.stale += other.stale
+        self.normalised += other.normalised
+        self.acks_failed += other.acks_failed
+
+
+RunStatus = Literal["running", "succeeded", "failed", "interrupted", "abandoned"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How one (tenant, scope) run ended."""
+
+    run_id: int
+    tenant: str
+    scope: Scope
+    status: RunStatus
+    stats: RunStats = field(default_factory=RunStats)
+    duration_s: float = 0.0
+    error: str | None = None
+
+
+class Clock(Protocol):
+    """Time as a parameter: wall-clock for timestamps, monotonic for durations."""
+
+    def now(self) -> datetime: ...
+
+    def monotonic(self) -> float: ...

@@ -1,0 +1,213 @@
+"""One (tenant, scope) sweep as a loop over ports, and pulling many in SPEC §4 import order."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from puller import errors, logs, pagination, protocol, records
+from puller.config import CallbackConfig, TenantConfig
+from puller.domain import (
+    Accepted,
+    Ack,
+    Checkpoint,
+    PageOutcome,
+    PageRequest,
+    Rejection,
+    RunResult,
+    RunStats,
+    RunStatus,
+    Scope,
+    ValidatedPage,
+    Where,
+    import_waves,
+)
+
+
+class PageSource(Protocol):
+    """Where pages come from (the tenant's callback)."""
+
+    async def fetch_page(self, request: PageRequest) -> bytes: ...
+
+    async def acknowledge(self, ack: Ack) -> None: ...
+
+
+class PageSink(Protocol):
+    """Where pages go (the store); blocking calls, run in a thread by the pipeline."""
+
+    def start_run(self, tenant: str, scope: Scope, *, trigger: str, now: datetime) -> int: ...
+
+    def load_checkpoint(self, tenant: str, scope: Scope) -> Checkpoint: ...
+
+    def apply_page(
+        self, *, run_id: int, tenant: str, scope: Scope, page: str,
+        accepted: Sequence[Accepted], rejections: Sequence[Rejection], checkpoint: Checkpoint,
+        normalised: int, now: datetime,
+    ) -> PageOutcome: ...
+
+    def count_failed_ack(self, run_id: int) -> None: ...
+
+    def finish_run(
+        self, run_id: int, *, status: RunStatus, now: datetime, error: str | None = None
+    ) -> RunStats: ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One (tenant, scope) to pull."""
+
+    tenant: TenantConfig
+    scope: Scope
+    trigger: str = "manual"
+
+    @property
+    def callback(self) -> CallbackConfig:
+        return self.tenant.callbacks[self.scope]
+
+
+PageHook = Callable[[Job, PageOutcome], None]
+
+
+async def run_sweep(
+    job: Job, *, source: PageSource, sink: PageSink, clock: SystemClock,
+    on_page: PageHook | None = None,
+) -> RunResult:
+    """Pull one (tenant, scope) from its checkpoint to the end of the sweep, page by page."""
+    log = logs.get_logger()
+    started = clock.monotonic()
+    tenant, scope = job.tenant.id, job.scope
+    run_id = await asyncio.to_thread(sink.start_run, tenant, scope, trigger=job.trigger,
+                                     now=clock.now())
+    status: RunStatus = "succeeded"
+    error: str | None = None
+    with logs.bound(tenant=tenant, scope=scope.value, run_id=run_id):
+        log.info("run_started", trigger=job.trigger)
+        try:
+            await _sweep(job, run_id, source=source, sink=sink, clock=clock, on_page=on_page)
+        except errors.PullerError as exc:
+            status, error = "failed", str(exc)
+        except asyncio.CancelledError:
+            # Shielded so an interrupted run is recorded as such before the task ends.
+            await asyncio.shield(asyncio.to_thread(
+                sink.finish_run, run_id, status="interrupted", now=clock.now(),
+                error="interrupted (shutdown or signal); the next run resumes at the checkpoint",
+            ))
+            log.warning("run_interrupted")
+            raise
+        stats = await asyncio.to_thread(sink.finish_run, run_id, status=status,
+                                        now=clock.now(), error=error)
+        duration_s = clock.monotonic() - started
+        event = log.info if status == "succeeded" else log.error
+        event(f"run_{status}", pages=stats.pages, accepted=stats.accepted,
+              rejected=stats.rejected, stale=stats.stale, normalised=stats.normalised,
+              acks_failed=stats.acks_failed, duration_s=round(duration_s, 3), error=error)
+    return RunResult(run_id=run_id, tenant=tenant, scope=scope, status=status, stats=stats,
+                     duration_s=duration_s, error=error)
+
+
+async def _sweep(
+    job: Job, run_id: int, *, source: PageSource, sink: PageSink, clock: SystemClock,
+    on_page: PageHook | None,
+) -> None:
+    callback = job.callback
+    start = await asyncio.to_thread(sink.load_checkpoint, job.tenant.id, job.scope)
+    paginator = pagination.Paginator(
+        mode=callback.pagination, page_size=callback.page_size, max_pages=callback.max_pages,
+        start=start,
+    )
+    request: PageRequest | None = paginator.first()
+    while request is not None:
+        with logs.bound(page=request.label):
+            request = await _one_page(job, run_id, request, paginator, source=source,
+                                      sink=sink, clock=clock, on_page=on_page)
+
+
+async def _one_page(
+    job: Job, run_id: int, request: PageRequest, paginator: pagination.Paginator, *,
+    source: PageSource, sink: PageSink, clock: SystemClock, on_page: PageHook | None,
+) -> PageRequest | None:
+    """fetch → parse → check → validate → apply (one transaction) → acknowledge → next."""
+    log = logs.get_logger()
+    where = Where(job.tenant.id, job.scope, request.label)
+    body = await source.fetch_page(request)
+    envelope = protocol.parse_envelope(body, where=where)
+    if envelope.status is not None and envelope.status != protocol.SUCCESS:
+        raise errors.TenantReportedError(
+            tenant=where.tenant, scope=where.scope.value, page=where.page,
+            status=envelope.status, message=envelope.message,
+        )
+    mismatch = pagination.meta_mismatch(request, envelope.meta)
+    if mismatch:
+        log.warning("page_meta_mismatch", detail=mismatch)
+    following = paginator.advance(request, envelope.meta, where=where)
+    page = records.validate_page(job.scope, envelope.data,
+                                 normalize_case=job.tenant.normalize_case)
+    outcome = await asyncio.to_thread(
+        sink.apply_page, run_id=run_id, tenant=job.tenant.id, scope=job.scope,
+        page=request.label, accepted=page.accepted, rejections=page.rejections,
+        checkpoint=pagination.checkpoint_after(following), normalised=page.normalised,
+        now=clock.now(),
+    )
+    log.debug("page_applied", records=len(envelope.data), applied=outcome.applied,
+              stale=outcome.stale, rejected=len(page.rejections))
+    if on_page is not None:
+        on_page(job, outcome)
+    await _acknowledge(job, run_id, request, page, source=source, sink=sink)
+    return following
+
+
+async def _acknowledge(
+    job: Job, run_id: int, request: PageRequest, page: ValidatedPage, *,
+    source: PageSource, sink: PageSink,
+) -> None:
+    if job.callback.commit_url is None:
+        return
+    ack = Ack(run_id=run_id, request=request, accepted=len(page.accepted),
+              rejected=len(page.rejections))
+    try:
+        await source.acknowledge(ack)
+    except errors.AckError as exc:
+        # SPEC §1: a failed acknowledgement is reported and never rolls back stored data.
+        logs.get_logger().warning("ack_failed", error=str(exc))
+        await asyncio.to_thread(sink.count_failed_ack, run_id)
+
+
+RunOne = Callable[[Job], Awaitable[RunResult]]
+
+
+async def run_tenant(jobs: Sequence[Job], run_one: RunOne) -> list[RunResult]:
+    """Run one tenant's jobs in import waves: customer and product together, then order."""
+    by_scope = {job.scope: job for job in jobs}
+    results: list[RunResult] = []
+    for wave in import_waves(by_scope):
+        results.extend(await asyncio.gather(*(run_one(by_scope[s]) for s in wave)))
+    return results
+
+
+async def run_all(jobs: Sequence[Job], run_one: RunOne, *, max_concurrent: int) -> list[RunResult]:
+    """Run every tenant's jobs, tenants concurrently (bounded), each tenant in import order."""
+    gate = asyncio.Semaphore(max_concurrent)
+
+    async def gated(job: Job) -> RunResult:
+        async with gate:
+            return await run_one(job)
+
+    tenants: dict[str, list[Job]] = {}
+    for job in jobs:
+        tenants.setdefault(job.tenant.id, []).append(job)
+    nested = await asyncio.gather(*(run_tenant(group, gated) for group in tenants.values()))
+    return [result for group in nested for result in group]

@@ -1,0 +1,115 @@
+"""The callback wire format: request params and body, and strict parsing of the response."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from puller.domain import Envelope, PageMeta, PageRequest, Scope, Where
+
+SUCCESS = "success"
+
+
+def request_params(request: PageRequest) -> dict[str, str]:
+    """Query parameters for one page (SPEC §1): `page`+`page_size` or `cursor`+`page_size`."""
+    params = {"page_size": str(request.page_size)}
+    if request.page is not None:
+        params["page"] = str(request.page)
+    elif request.cursor is not None:
+        params["cursor"] = request.cursor
+    return params
+
+
+def request_body(shop: str) -> bytes:
+    """The JSON body that identifies the shop."""
+    return orjson.dumps({"shop": shop})
+
+
+def parse_envelope(body: bytes, *, where: Where) -> Envelope:
+    """Decode and shape-check a response body.
+
+    Raises:
+        errors.BrokenPageError: not JSON, not an object, `meta`/`has_next_page`/`data` wrong.
+    """
+    try:
+        tree = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        start = body[:60].decode("utf-8", "replace").strip()
+        raise where.broken(
+            f"response is not JSON ({exc.msg}); it starts with {start!r} — "
+            "check that the callback URL points at the export endpoint"
+        ) from None
+    if not isinstance(tree, dict):
+        raise where.broken(f"response is a JSON {_kind(tree)}, not an object; {_FIX}")
+    status, message = _status(tree, where)
+    return Envelope(
+        meta=_meta(tree.get("meta"), where), data=_data(tree, where), status=status,
+        message=message,
+    )
+
+
+_FIX = "the tenant's export breaks the callback protocol; report it to the tenant"
+
+
+def _status(tree: dict[str, Any], where: Where) -> tuple[str | None, str]:
+    status = tree.get("status")
+    message = tree.get("message")
+    if status is not None and not isinstance(status, str):
+        raise where.broken(f"`status` is a {_kind(status)}, not a string; {_FIX}")
+    if message is None:
+        message = ""
+    elif not isinstance(message, str):
+        message = orjson.dumps(message).decode()
+    return status, message[:500]
+
+
+def _meta(meta: object, where: Where) -> PageMeta:
+    if not isinstance(meta, dict):
+        missing = "missing" if meta is None else f"a {_kind(meta)}, not an object"
+        raise where.broken(f"`meta` is {missing}; {_FIX}")
+    has_next = meta.get("has_next_page")
+    if not isinstance(has_next, bool):
+        missing = "missing" if has_next is None else f"{has_next!r}, not true/false"
+        raise where.broken(f"`meta.has_next_page` is {missing}; {_FIX}")
+    cursor = meta.get("cursor")
+    if cursor is not None and not isinstance(cursor, str | int):
+        raise where.broken(f"`meta.cursor` is a {_kind(cursor)}, not a string; {_FIX}")
+    return PageMeta(
+        has_next_page=has_next,
+        cursor=None if cursor is None or cursor == "" else str(cursor),
+        page=_int_or_none(meta.get("page")),
+        page_size=_int_or_none(meta.get("page_size")),
+    )
+
+
+def _data(tree: dict[str, Any], where: Where) -> list[Any]:
+    data = tree.get("data")
+    if data is None:
+        if tree.get("status", SUCCESS) != SUCCESS:
+            return []
+        raise where.broken(f"`data` is missing; {_FIX}")
+    if not isinstance(data, list):
+        raise where.broken(f"`data` is a {_kind(data)}, not a list; {_FIX}")
+    return data
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _kind(value: object) -> str:
+    return {
+        dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
+        float: "number", type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def ack_body(
+    *, shop: str, scope: Scope, request: PageRequest, run_id: int, accepted: int, rejected: int
+) -> bytes:
+    """The delivery acknowledgement POSTed to `commit_url` after a page is stored (SPEC §1)."""
+    return orjson.dumps({
+        "shop": shop, "scope": scope.value, "page": request.page, "cursor": request.cursor,
+        "accepted": accepted, "rejected": rejected, "run_id": run_id,
+    })

@@ -1,0 +1,262 @@
+"""Per-scope record rules (SPEC §2): accept what is valid, explain every reason for the rest."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StringConstraints,
+    ValidationError,
+)
+
+from puller.domain import Accepted, Raw, Rejection, Scope, ValidatedPage
+
+# The public guide's example sends "YES"; strict mode rejects it, normalize_case accepts it.
+CASE_CANONICAL = {
+    "consent": {"yes": "Yes", "no": "No"},
+    "gender": {"male": "Male", "female": "Female"},
+}
+_EMAIL = re.compile(
+    r"^[^\s@\"(),:;<>\[\]\\]+@[^\s@.\"(),:;<>\[\]\\]+(\.[^\s@.\"(),:;<>\[\]\\]+)+$"
+)
+_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+_MONEY_KEYS = frozenset({"amount", "precision", "currency"})
+
+
+def _timestamp(value: object) -> datetime:
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 timestamp string such as 2024-12-01T10:30:00Z")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"{value[:40]!r} is not an ISO 8601 timestamp; send e.g. 2024-12-01T10:30:00Z"
+        ) from None
+    if parsed.tzinfo is None:
+        # Decided (README "Record rules"): without an offset the instant is ambiguous and
+        # newest-wins could order versions wrongly, so the record is rejected, not guessed.
+        raise ValueError(f"{value[:40]!r} has no UTC offset; send e.g. 2024-12-01T10:30:00Z")
+    return parsed.astimezone(UTC)
+
+
+def _record_id(value: object) -> object:
+    # Ids are text; an integer id (common in exports) is accepted as its decimal string.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or blank")
+    return value
+
+
+def _email(value: str) -> str:
+    if not _EMAIL.match(value):
+        raise ValueError(f"{value[:60]!r} is not a valid email address")
+    return value
+
+
+def _language(value: str) -> str:
+    if not _LANGUAGE.match(value):
+        raise ValueError(f"{value!r} is not a language tag such as en or en-US")
+    return value
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_timestamp)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=100), AfterValidator(_not_blank)]
+LastName = Annotated[
+    str, StringConstraints(min_length=1, max_length=300), AfterValidator(_not_blank)
+]
+Mobile = Annotated[str, StringConstraints(min_length=1, max_length=20), AfterValidator(_not_blank)]
+RecordId = Annotated[
+    str,
+    BeforeValidator(_record_id),
+    StringConstraints(min_length=1, max_length=100),
+    AfterValidator(_not_blank),
+]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True, strict=False)
+
+    last_modified_date: Timestamp
+    deleted_at: Timestamp | None = None
+
+
+class Customer(_Record):
+    """A customer profile; every field required and non-empty."""
+
+    customer_id: RecordId
+    email: Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_email)]
+    first_name: Name
+    last_name: LastName
+    mobile: Mobile
+    language: Annotated[str, StringConstraints(min_length=1, max_length=10),
+                        AfterValidator(_language)]
+    consent: Literal["Yes", "No"]
+    gender: Literal["Male", "Female"]
+
+
+class Order(_Record):
+    """An order; everything beyond the keys is kept as payload."""
+
+    order_id: RecordId
+    customer_id: RecordId
+
+
+class Product(_Record):
+    """A product; everything beyond the key is kept as payload."""
+
+    product_id: RecordId
+
+
+CUSTOMER_COLUMNS = (
+    "email", "first_name", "last_name", "mobile", "language", "consent", "gender",
+)
+_KNOWN_CUSTOMER = frozenset(
+    (*CUSTOMER_COLUMNS, "customer_id", "last_modified_date", "deleted_at")
+)
+MODELS: dict[Scope, type[_Record]] = {
+    Scope.CUSTOMER: Customer, Scope.ORDER: Order, Scope.PRODUCT: Product
+}
+
+
+def validate_page(
+    scope: Scope, raws: Sequence[object], *, normalize_case: bool = False
+) -> ValidatedPage:
+    """Validate every record of a page; invalid ones become rejections with all reasons."""
+    model = MODELS[scope]
+    columns = _COLUMNS[scope]
+    accepted: list[Accepted] = []
+    rejections: list[Rejection] = []
+    normalised = 0
+    for position, raw in enumerate(raws):
+        if not isinstance(raw, dict):
+            rejections.append(Rejection(position, raw, (f"record is {_kind(raw)}, not an object",)))
+            continue
+        candidate = raw
+        if normalize_case:
+            candidate, changed = normalised_case(raw)
+            normalised += changed
+        reasons = _reasons(model, candidate, scope)
+        if isinstance(reasons, tuple):
+            rejections.append(Rejection(position, raw, reasons))
+            continue
+        accepted.append(columns(reasons, candidate, position))
+    return ValidatedPage(accepted=accepted, rejections=rejections, normalised=normalised)
+
+
+def normalised_case(raw: Raw) -> tuple[Raw, int]:
+    """Canonicalise the case of `consent` and `gender` (`YES` → `Yes`); count the changes."""
+    changed = 0
+    out = raw
+    for field, canon in CASE_CANONICAL.items():
+        value = raw.get(field)
+        if isinstance(value, str):
+            fixed = canon.get(value.strip().lower())
+            if fixed is not None and fixed != value:
+                if out is raw:
+                    out = dict(raw)
+                out[field] = fixed
+                changed += 1
+    return out, changed
+
+
+def _reasons(model: type[_Record], raw: Raw, scope: Scope) -> _Record | tuple[str, ...]:
+    try:
+        record = model.model_validate(raw)
+    except ValidationError as exc:
+        return tuple(_reason(err) for err in exc.errors(include_url=False))
+    money = money_problems(raw) if scope is not Scope.CUSTOMER else []
+    return tuple(money) if money else record
+
+
+def _reason(err: Any) -> str:
+    field = ".".join(str(part) for part in err["loc"]) or "record"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        message = "required field is missing"
+    elif err["type"] == "literal_error" and field in CASE_CANONICAL:
+        choices = " or ".join(CASE_CANONICAL[field].values())
+        message = (
+            f"{err['input']!r} must be exactly {choices} (case matters; the tenant's "
+            "normalize_case option accepts other cases)"
+        )
+    return f"{field}: {message}"
+
+
+def money_problems(node: object, path: str = "") -> list[str]:
+    """Every money-shaped object (`amount`/`precision`/`currency`) anywhere in a record, checked."""
+    problems: list[str] = []
+    if isinstance(node, dict):
+        if _MONEY_KEYS & node.keys():
+            problems.extend(_money(node, path or "record"))
+        for key, value in node.items():
+            problems.extend(money_problems(value, f"{path}.{key}" if path else str(key)))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            problems.extend(money_problems(value, f"{path}[{index}]"))
+    return problems
+
+
+def _money(node: dict[str, Any], path: str) -> list[str]:
+    problems = []
+    amount, precision, currency = (node.get(k) for k in ("amount", "precision", "currency"))
+    if not _is_int(amount):
+        problems.append(
+            f"{path}.amount: {amount!r} must be an integer in the smallest currency unit "
+            "(19999 with precision 2 for 199.99)"
+        )
+    if not isinstance(precision, int) or isinstance(precision, bool) or precision < 0:
+        problems.append(f"{path}.precision: {precision!r} must be a non-negative integer")
+    if not isinstance(currency, str) or not _CURRENCY.match(currency):
+        problems.append(f"{path}.currency: {currency!r} must be a 3-letter ISO 4217 code")
+    return problems
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _customer(record: _Record, raw: Raw, position: int) -> Accepted:
+    assert isinstance(record, Customer)
+    columns: dict[str, Any] = {name: getattr(record, name) for name in CUSTOMER_COLUMNS}
+    columns["extra"] = {k: v for k, v in raw.items() if k not in _KNOWN_CUSTOMER}
+    return Accepted(record.customer_id, record.last_modified_date, record.deleted_at, columns,
+                    position)
+
+
+def _order(record: _Record, raw: Raw, position: int) -> Accepted:
+    assert isinstance(record, Order)
+    columns = {"customer_id": record.customer_id, "payload": raw}
+    return Accepted(record.order_id, record.last_modified_date, record.deleted_at, columns,
+                    position)
+
+
+def _product(record: _Record, raw: Raw, position: int) -> Accepted:
+    assert isinstance(record, Product)
+    return Accepted(record.product_id, record.last_modified_date, record.deleted_at,
+                    {"payload": raw}, position)
+
+
+_COLUMNS: dict[Scope, Callable[[_Record, Raw, int], Accepted]] = {
+    Scope.CUSTOMER: _customer, Scope.ORDER: _order, Scope.PRODUCT: _product
+}
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "null"
+    return f"a {type(value).__name__}"

@@ -131,10 +131,17 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 async def _pull(config: PullerConfig, jobs: Sequence[pipeline.Job], store: Store, *,
                 concurrency: int) -> list[RunResult]:
     main_task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
     if main_task is not None:
         # SIGTERM from cron/systemd: cancel like Ctrl-C, so runs are recorded as interrupted.
-        loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    return await pull_now(config, jobs, store, concurrency=concurrency)
+
+
+async def pull_now(
+    config: PullerConfig, jobs: Sequence[pipeline.Job], store: Store, *, concurrency: int,
+    sleep: client.Sleep = asyncio.sleep,
+) -> list[RunResult]:
+    """Pull the jobs once with a fresh HTTP client; every run's result, failed ones included."""
     clock = pipeline.SystemClock()
     async with client.build_http_client(
         allow_private_networks=config.allow_private_networks
@@ -142,7 +149,7 @@ async def _pull(config: PullerConfig, jobs: Sequence[pipeline.Job], store: Store
         async def run_one(job: pipeline.Job) -> RunResult:
             source = client.CallbackSource(
                 http, tenant=job.tenant, scope=job.scope, callback=job.callback,
-                policy=config.retry,
+                policy=config.retry, sleep=sleep,
             )
             return await pipeline.run_sweep(job, source=source, sink=store, clock=clock)
 

@@ -8,7 +8,7 @@ The tree (marker mixins in brackets are what retry and the CLI check; no code ma
     │   ├── TransientCallbackError(reason, retry_after_s) [Transient] connect/timeout/5xx
     │   ├── FatalCallbackError(reason)                    [Terminal]  other 4xx, redirects
     │   ├── ForbiddenAddressError(host, address)          [Terminal]  SSRF guard refused
-    │   ├── BrokenPageError(reason)                       [Terminal]  bad JSON, shape, size, loop, ceiling
+    │   ├── BrokenPageError(reason)                       [Terminal]  JSON/shape/size/loop/ceiling
     │   └── TenantReportedError(message)                  [Terminal]  status other than "success"
     ├── StoreError(problem)                               [Terminal]
     └── AckError(reason)                                  reported, never rolls back stored data

@@ -28,6 +28,7 @@ _EMAIL = re.compile(
 )
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+MAX_ID_CHARS = 100
 _MONEY_KEYS = frozenset({"amount", "precision", "currency"})
 
 
@@ -60,6 +61,14 @@ def _not_blank(value: str) -> str:
     return value
 
 
+def _id(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or blank")
+    if len(value) > MAX_ID_CHARS:
+        raise ValueError(f"is {len(value)} characters; at most {MAX_ID_CHARS} are allowed")
+    return value
+
+
 def _email(value: str) -> str:
     if not _EMAIL.match(value):
         raise ValueError(f"{value[:60]!r} is not a valid email address")
@@ -78,12 +87,7 @@ LastName = Annotated[
     str, StringConstraints(min_length=1, max_length=300), AfterValidator(_not_blank)
 ]
 Mobile = Annotated[str, StringConstraints(min_length=1, max_length=20), AfterValidator(_not_blank)]
-RecordId = Annotated[
-    str,
-    BeforeValidator(_record_id),
-    StringConstraints(min_length=1, max_length=100),
-    AfterValidator(_not_blank),
-]
+RecordId = Annotated[str, BeforeValidator(_record_id), AfterValidator(_id)]
 
 
 class _Record(BaseModel):

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -140,6 +141,7 @@ class TenantServer:
         self.datasets: dict[str, Dataset] = {}
         self.faults: dict[str, deque[Fault]] = {}
         self.acks: list[dict[str, Any]] = []
+        self.on_ack: Callable[[dict[str, Any]], None] | None = None
         self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer((host, port), _handler(self))
@@ -229,8 +231,11 @@ class _Handler(BaseHTTPRequestHandler):
         if refusal is not None:
             return self._send(refusal[0], {"status": "error", "message": refusal[1]})
         if what == "commit":
+            ack = {"tenant": tenant, **payload}
+            if server.on_ack is not None:
+                server.on_ack(ack)
             with server.lock:
-                server.acks.append({"tenant": tenant, **payload})
+                server.acks.append(ack)
             return self._send(200, {"status": "success"})
         if what not in SCOPE_PATHS:
             return self._send(404, {"status": "error", "message": "unknown scope"})

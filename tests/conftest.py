@@ -1,0 +1,120 @@
+"""Shared fixtures: a real tenant server on loopback, real stores (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from puller.config import PullerConfig
+from puller.store import Store
+from puller.tenant_server import Dataset, TenantServer
+
+PG_ADMIN_URL = os.environ.get(
+    "PULLER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+_ids = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+def _clean_puller_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No PULLER_* variable from the caller's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("PULLER_") and name != "PULLER_TEST_PG_URL":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def tenant_server() -> Iterator[TenantServer]:
+    server = TenantServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tenant_id() -> str:
+    """A tenant id no other test uses, so tests share one server without sharing data."""
+    return f"t{next(_ids)}"
+
+
+def _pg_reachable() -> str | None:
+    try:
+        engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[sa.Engine]:
+    problem = _pg_reachable()
+    if problem is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is unreachable under CI: {problem}")
+        pytest.skip(f"PostgreSQL unreachable (allowed outside CI only): {problem}")
+    engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    yield engine
+    engine.dispose()
+
+
+def _pg_url(database: str) -> str:
+    return sa.make_url(PG_ADMIN_URL).set(database=database).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    """A fresh empty store URL per test: SQLite file or a fresh PostgreSQL database."""
+    backend = getattr(request, "param", "sqlite")
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path}/puller.db"
+        return
+    admin: sa.Engine = request.getfixturevalue("pg_admin")
+    name = f"puller_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield _pg_url(name)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+BACKENDS = pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    """A real store; teardown asserts no connection was left checked out."""
+    opened = Store.open(store_url)
+    yield opened
+    pool = opened.engine.pool
+    checked_out = pool.checkedout() if isinstance(pool, sa.QueuePool) else 0
+    opened.close()
+    assert checked_out == 0, f"{checked_out} connections left checked out"
+
+
+def config_for(
+    server: TenantServer, tenant: str, *, store: str, scopes: dict[str, dict[str, Any]],
+    shop: str | None = None, **tenant_over: Any,
+) -> PullerConfig:
+    """A config for one tenant on the loopback server; scopes map name → callback overrides."""
+    callbacks = {
+        scope: {"url": f"{server.url}/{tenant}/{scope}s", **over} for scope, over in scopes.items()
+    }
+    return PullerConfig.model_validate({
+        "store": store,
+        "allow_private_networks": True,
+        "retry": {"attempts": 3, "initial_wait": 0.01, "max_wait": 0.05},
+        "tenants": [{"id": tenant, "shop": shop or f"{tenant}.example.com",
+                     "callbacks": callbacks, **tenant_over}],
+    })
+
+
+def add_dataset(server: TenantServer, tenant: str, **counts: Any) -> Dataset:
+    return server.add(tenant, Dataset.generate(f"{tenant}.example.com", **counts))

@@ -108,7 +108,9 @@ def test_durations_accept_s_m_h_d(value: object, seconds: float) -> None:
     assert parse_duration_s(value) == seconds
 
 
-@pytest.mark.parametrize("value", ["0s", "-1m", "5 weeks", True], ids=["zero", "neg", "unit", "bool"])
+@pytest.mark.parametrize(
+    "value", ["0s", "-1m", "5 weeks", True], ids=["zero", "neg", "unit", "bool"]
+)
 def test_bad_durations_are_refused(value: object) -> None:
     """Zero, negative or unit-less nonsense is not a duration."""
     with pytest.raises(ValueError, match="duration"):

@@ -38,7 +38,7 @@ def test_repeated_cursor_is_a_loop() -> None:
     assert r2 is not None
     r3 = p.advance(r2, PageMeta(has_next_page=True, cursor="b"), where=WHERE)
     assert r3 is not None
-    with pytest.raises(errors.BrokenPageError, match="repeated .* looping"):
+    with pytest.raises(errors.BrokenPageError, match=r"repeated .* looping"):
         p.advance(r3, PageMeta(has_next_page=True, cursor="a"), where=WHERE)
 
 
@@ -55,7 +55,7 @@ def test_resumed_cursor_counts_as_seen() -> None:
 def test_missing_cursor_with_more_pages_is_broken() -> None:
     """cursor mode needs meta.cursor while has_next_page is true."""
     p = Paginator(mode="cursor", page_size=50, max_pages=10)
-    with pytest.raises(errors.BrokenPageError, match="`meta.cursor` is missing"):
+    with pytest.raises(errors.BrokenPageError, match=r"`meta\.cursor` is missing"):
         p.advance(p.first(), PageMeta(has_next_page=True), where=WHERE)
 
 

@@ -19,7 +19,7 @@ NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
      (401, "fatal"), (403, "fatal"), (404, "fatal"), (408, "transient"), (422, "fatal"),
      (429, "transient"), (500, "transient"), (502, "transient"), (503, "transient"),
      (504, "transient")],
-    ids=lambda v: str(v),
+    ids=str,
 )
 def test_classify_follows_spec_5(status: int, verdict: str) -> None:
     """408/429/5xx are retried, other 4xx are not, redirects are not followed."""
@@ -33,7 +33,9 @@ def test_classify_follows_spec_5(status: int, verdict: str) -> None:
      ("99999", retry.MAX_RETRY_AFTER_S)],
     ids=["seconds", "zero", "http-date", "date-in-past", "garbage", "empty", "absent", "capped"],
 )
-def test_retry_after_reads_seconds_and_http_dates(header: str | None, expected: float | None) -> None:
+def test_retry_after_reads_seconds_and_http_dates(
+    header: str | None, expected: float | None
+) -> None:
     """Retry-After is delta-seconds or an HTTP-date; garbage is ignored; huge waits capped."""
     assert retry.retry_after_s(header, NOW) == expected
 
@@ -44,7 +46,7 @@ def test_backoff_grows_and_is_capped() -> None:
     rng = random.Random(1)
     for attempt, ceiling in [(1, 1), (2, 2), (3, 4), (4, 8), (9, 8)]:
         waits = [retry.backoff_s(attempt, policy, rng=rng) for _ in range(200)]
-        assert 0 <= min(waits) and max(waits) <= ceiling
+        assert min(waits) >= 0 and max(waits) <= ceiling
         assert max(waits) > ceiling / 2
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import uuid
@@ -10,7 +11,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog
+from structlog.testing import capture_logs
 
+from puller import logs
 from puller.config import PullerConfig
 from puller.store import Store
 from puller.tenant_server import Dataset, TenantServer
@@ -118,3 +122,10 @@ def config_for(
 
 def add_dataset(server: TenantServer, tenant: str, **counts: Any) -> Dataset:
     return server.add(tenant, Dataset.generate(f"{tenant}.example.com", **counts))
+
+
+@contextlib.contextmanager
+def captured_logs() -> Iterator[list[dict[str, Any]]]:
+    """Capture event dicts after puller's own contextvars merge and redaction processors."""
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars, logs._redact]) as got:
+        yield got

@@ -32,6 +32,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_HEADER_VALUE = re.compile(r"^[\x20-\x7e\t]*$")
 
 
 def parse_duration_s(value: object) -> float:
@@ -150,9 +151,15 @@ class TenantConfig(_Frozen):
     @field_validator("headers")
     @classmethod
     def _header_names(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
-        for name in value:
+        for name, secret in value.items():
             if not _HEADER_NAME.match(name):
                 raise ValueError(f"{name!r} is not a valid HTTP header name")
+            if not _HEADER_VALUE.match(secret.get_secret_value()):
+                # The value is a secret: say what is wrong with it, never echo it.
+                raise ValueError(
+                    f"the value of header {name} must be printable ASCII without line "
+                    "breaks; check the environment variable it comes from"
+                )
         return value
 
     def header_values(self) -> dict[str, str]:

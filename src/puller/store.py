@@ -179,12 +179,15 @@ class Store:
         insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
         stmt = insert(table)
         # Full replacement, newest wins (SPEC §3): the WHERE is merge.is_newer in SQL.
-        stmt = stmt.on_conflict_do_update(
+        upsert = stmt.on_conflict_do_update(
             index_elements=[table.c.tenant_id, table.c[key]],
             set_={name: stmt.excluded[name] for name in rows[0] if name not in ("tenant_id", key)},
             where=table.c.last_modified_date < stmt.excluded.last_modified_date,
-        )
-        return int(conn.execute(stmt, rows).rowcount)
+        ).returning(table.c[key])
+        # RETURNING yields only rows inserted or updated, so stale ones are not counted;
+        # rowcount cannot be used: psycopg reports -1 for executemany. SQLAlchemy batches
+        # the rows into multi-row INSERT statements ("insertmanyvalues"), set-based.
+        return len(conn.execute(upsert, rows).all())
 
     def _reject(
         self, conn: Connection, tenant: str, scope: Scope, *, run_id: int, page: str,

@@ -27,7 +27,7 @@ tenants:
       2: {url: "https://acme.example.com/export/orders", pagination: cursor, page_size: 100,
           schedule: {cron: "*/15 * * * *"}}
 """
-ENV = {"ACME_API_KEY": "s3cr3t-Ωmega"}
+ENV = {"ACME_API_KEY": "s3cr3t-omega"}
 
 
 def test_good_config_parses_scopes_by_name_or_id() -> None:
@@ -38,7 +38,16 @@ def test_good_config_parses_scopes_by_name_or_id() -> None:
     assert tenant.callbacks[Scope.ORDER].pagination == "cursor"
     assert tenant.callbacks[Scope.CUSTOMER].schedule is not None
     assert tenant.callbacks[Scope.CUSTOMER].schedule.every_s == 900
-    assert tenant.header_values() == {"X-Api-Key": "s3cr3t-Ωmega"}
+    assert tenant.header_values() == {"X-Api-Key": "s3cr3t-omega"}
+
+
+@pytest.mark.parametrize("value", ["line\r\nX-Evil: 1", "clé"], ids=["crlf", "non-ascii"])
+def test_header_values_must_be_safe_ascii_and_are_not_echoed(value: str) -> None:
+    """A header value with a line break or non-ASCII is refused without printing it."""
+    with pytest.raises(errors.ConfigError) as info:
+        load_config(GOOD, {"ACME_API_KEY": value})
+    assert info.value.path == "tenants[0].headers"
+    assert "printable ASCII" in str(info.value) and value not in str(info.value)
 
 
 def test_secret_never_appears_in_repr() -> None:

@@ -1,0 +1,433 @@
+"""End-to-end pulls against the real loopback tenant server into real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from puller import cli, pipeline, schema
+from puller.config import PullerConfig
+from puller.domain import Checkpoint, RunResult, Scope
+from puller.store import Store
+from puller.tenant_server import Fault, TenantServer, make_customer, timestamp
+from tests.conftest import BACKENDS, add_dataset, captured_logs, config_for
+
+
+async def pull(config: PullerConfig, store: Store, *, scopes: list[str] | None = None,
+               concurrency: int = 4) -> list[RunResult]:
+    jobs = cli.select_jobs(config, [], scopes or [], trigger="test")
+    return await cli.pull_now(config, jobs, store, concurrency=concurrency)
+
+
+def rows(store: Store, table: sa.Table, tenant: str) -> list[dict[str, Any]]:
+    with store.engine.connect() as conn:
+        result = conn.execute(sa.select(table).where(table.c.tenant_id == tenant))
+        return [dict(r._mapping) for r in result]
+
+
+def run_rows(store: Store, tenant: str) -> list[dict[str, Any]]:
+    with store.engine.connect() as conn:
+        result = conn.execute(sa.select(schema.runs).where(schema.runs.c.tenant_id == tenant)
+                              .order_by(schema.runs.c.id))
+        return [dict(r._mapping) for r in result]
+
+
+def requests_to(server: TenantServer, tenant: str) -> list[tuple[str, dict[str, str]]]:
+    return [(path, query) for path, query, _ in server.requests if path.startswith(f"/{tenant}/")]
+
+
+@BACKENDS
+async def test_page_mode_pulls_thousands_of_records_over_many_pages(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """2,500 customers over 25 pages land once each; the run row counts them; sweep reset."""
+    add_dataset(tenant_server, tenant_id, customers=2500)
+    config = config_for(tenant_server, tenant_id, store=store_url,
+                        scopes={"customer": {"page_size": 100}})
+    (result,) = await pull(config, store)
+    assert result.status == "succeeded", result.error
+    assert (result.stats.pages, result.stats.accepted, result.stats.stale) == (25, 2500, 0)
+    stored = rows(store, schema.customers, tenant_id)
+    assert len(stored) == 2500
+    by_id = {r["customer_id"]: r for r in stored}
+    source = tenant_server.datasets[tenant_id].records["customer"][1234]
+    assert by_id["c1234"]["email"] == source["email"]
+    assert by_id["c1234"]["first_name"] == source["first_name"]
+    assert by_id["c1234"]["extra"] == {"loyalty_tier": source["loyalty_tier"]}
+    assert store.load_checkpoint(tenant_id, Scope.CUSTOMER) == Checkpoint()
+    (run,) = run_rows(store, tenant_id)
+    assert (run["status"], run["pages"], run["accepted"]) == ("succeeded", 25, 2500)
+
+
+@BACKENDS
+async def test_cursor_mode_follows_cursors_to_the_end(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """Cursor pagination: first call without cursor, then meta.cursor until has_next_page false."""
+    add_dataset(tenant_server, tenant_id, products=730)
+    config = config_for(tenant_server, tenant_id, store=store_url,
+                        scopes={"product": {"pagination": "cursor", "page_size": 100}})
+    (result,) = await pull(config, store)
+    assert result.status == "succeeded", result.error
+    assert result.stats.pages == 8
+    assert len(rows(store, schema.products, tenant_id)) == 730
+    seen = requests_to(tenant_server, tenant_id)
+    assert "cursor" not in seen[0][1] and all("cursor" in q for _, q in seen[1:])
+
+
+async def test_scopes_run_in_import_order(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """customer and product are pulled before order starts (SPEC §4)."""
+    add_dataset(tenant_server, tenant_id, customers=300, orders=300, products=300)
+    config = config_for(tenant_server, tenant_id, store=store_url,
+                        scopes={"order": {"page_size": 50}, "customer": {"page_size": 50},
+                                "product": {"page_size": 50}})
+    results = await pull(config, store)
+    assert [r.status for r in results] == ["succeeded"] * 3
+    paths = [path for path, _ in requests_to(tenant_server, tenant_id)]
+    first_order = paths.index(f"/{tenant_id}/orders")
+    assert f"/{tenant_id}/customers" not in paths[first_order:]
+    assert f"/{tenant_id}/products" not in paths[first_order:]
+    assert {f"/{tenant_id}/customers", f"/{tenant_id}/products"} <= set(paths[:first_order])
+
+
+@BACKENDS
+async def test_repull_changes_nothing_and_counts_stale(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """Re-pulling the same data applies nothing and counts every record stale."""
+    add_dataset(tenant_server, tenant_id, customers=120)
+    config = config_for(tenant_server, tenant_id, store=store_url,
+                        scopes={"customer": {"page_size": 50}})
+    await pull(config, store)
+    before = rows(store, schema.customers, tenant_id)
+    (again,) = await pull(config, store)
+    assert (again.stats.accepted, again.stats.stale) == (0, 120)
+    after = rows(store, schema.customers, tenant_id)
+    assert sorted(map(str, after)) == sorted(map(str, before))
+
+
+@BACKENDS
+async def test_newer_version_replaces_wholly_and_older_is_stale(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """Newest wins with full replacement: no field merge; an older version is not applied."""
+    data = add_dataset(tenant_server, tenant_id, customers=10)
+    config = config_for(tenant_server, tenant_id, store=store_url,
+                        scopes={"customer": {"page_size": 4}})
+    await pull(config, store)
+    people = data.records["customer"]
+    people[1] = make_customer(1, email="neu@beispiel.de", loyalty_tier=None, vip=True,
+                              last_modified_date=timestamp(10_000))
+    people[2] = make_customer(2, email="old@example.com", last_modified_date=timestamp(-5))
+    (result,) = await pull(config, store)
+    assert (result.stats.accepted, result.stats.stale) == (1, 9)
+    by_id = {r["customer_id"]: r for r in rows(store, schema.customers, tenant_id)}
+    assert by_id["c1"]["email"] == "neu@beispiel.de"
+    assert by_id["c1"]["extra"] == {"vip": True}, "full replacement, no merge of old extras"
+    assert by_id["c2"]["email"] == "user2@example.com"
+
+
+@BACKENDS
+async def test_duplicates_within_a_page_keep_the_newest(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """A duplicated id in one page keeps its newest version; the other counts stale."""
+    data = add_dataset(tenant_server, tenant_id, customers=3)
+    data.records["customer"] = [
+        make_customer(1, email="v2@example.com", last_modified_date=timestamp(20)),
+        make_customer(1, email="v1@example.com", last_modified_date=timestamp(10)),
+        make_customer(1, email="v3@example.com", last_modified_date=timestamp(30)),
+    ]
+    config = config_for(tenant_server, tenant_id, store=store_url, scopes={"customer": {}})
+    (result,) = await pull(config, store)
+    assert (result.stats.accepted, result.stats.stale) == (1, 2)
+    (row,) = rows(store, schema.customers, tenant_id)
+    assert row["email"] == "v3@example.com"
+
+
+@BACKENDS
+async def test_soft_deleted_records_are_kept_with_deleted_at(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """deleted_at soft-deletes: the row stays (for reporting) with its deletion time."""
+    data = add_dataset(tenant_server, tenant_id, products=3)
+    config = config_for(tenant_server, tenant_id, store=store_url, scopes={"product": {}})
+    await pull(config, store)
+    data.records["product"][0].update(deleted_at="2025-01-02T03:04:05+02:00",
+                                      last_modified_date=timestamp(500))
+    await pull(config, store)
+    by_id = {r["product_id"]: r for r in rows(store, schema.products, tenant_id)}
+    assert len(by_id) == 3
+    assert by_id["p0"]["deleted_at"].isoformat() == "2025-01-02T01:04:05+00:00"
+    assert by_id["p1"]["deleted_at"] is None
+
+
+@BACKENDS
+async def test_rejected_records_are_stored_with_every_reason_and_the_rest_applies(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """Partial success: bad records go to rejected_records with run, page, position, reasons."""
+    data = add_dataset(tenant_server, tenant_id, customers=6)
+    data.records["customer"][4].update(consent="YES", email="nope")
+    config = config_for(tenant_server, tenant_id, store=store_url,
+                        scopes={"customer": {"page_size": 3}})
+    (result,) = await pull(config, store)
+    assert result.status == "succeeded"
+    assert (result.stats.accepted, result.stats.rejected) == (5, 1)
+    (rejected,) = rows(store, schema.rejected_records, tenant_id)
+    assert (rejected["scope"], rejected["run_id"], rejected["page"], rejected["position"]) == (
+        "customer", result.run_id, "2", 1)
+    assert rejected["record"] == data.records["customer"][4]
+    assert [r.split(":")[0] for r in rejected["reasons"]] == ["email", "consent"]
+    assert len(rows(store, schema.customers, tenant_id)) == 5
+
+
+async def test_normalize_case_is_counted_on_the_run(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """With normalize_case, YES/male are stored canonical and counted on the run."""
+    data = add_dataset(tenant_server, tenant_id, customers=4)
+    data.records["customer"][0].update(consent="YES", gender="MALE")
+    config = config_for(tenant_server, tenant_id, store=store_url, scopes={"customer": {}},
+                        normalize_case=True)
+    (result,) = await pull(config, store)
+    assert (result.stats.accepted, result.stats.normalised) == (4, 2)
+    (run,) = run_rows(store, tenant_id)
+    assert run["normalised"] == 2
+    by_id = {r["customer_id"]: r for r in rows(store, schema.customers, tenant_id)}
+    assert (by_id["c0"]["consent"], by_id["c0"]["gender"]) == ("Yes", "Male")
+
+
+@BACKENDS
+async def test_tenants_never_see_each_others_records(
+    tenant_server: TenantServer, store: Store, store_url: str
+) -> None:
+    """Two tenants exporting the same ids keep separate rows under their own tenant id."""
+    add_dataset(tenant_server, "iso-a", customers=5)
+    data_b = add_dataset(tenant_server, "iso-b", customers=5)
+    for person in data_b.records["customer"]:
+        person["email"] = "b-" + person["email"]
+    base = config_for(tenant_server, "iso-a", store=store_url, scopes={"customer": {}})
+    other = config_for(tenant_server, "iso-b", store=store_url, scopes={"customer": {}})
+    config = base.model_copy(update={"tenants": [*base.tenants, *other.tenants]})
+    await pull(config, store)
+    a = {r["customer_id"]: r["email"] for r in rows(store, schema.customers, "iso-a")}
+    b = {r["customer_id"]: r["email"] for r in rows(store, schema.customers, "iso-b")}
+    assert set(a) == set(b) and len(a) == 5
+    assert all(not e.startswith("b-") for e in a.values())
+    assert all(e.startswith("b-") for e in b.values())
+
+
+@BACKENDS
+async def test_failed_page_resumes_at_the_checkpoint(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """After retries a failing page fails the run; stored pages stay; the next run resumes there."""
+    add_dataset(tenant_server, tenant_id, customers=50)
+    config = config_for(tenant_server, tenant_id, store=store_url,
+                        scopes={"customer": {"page_size": 10}})
+    passthrough = Fault()
+    tenant_server.fail_next(tenant_id, "customers", passthrough, passthrough,
+                            *[Fault(status=503)] * 3)
+    (failed,) = await pull(config, store)
+    assert failed.status == "failed"
+    assert failed.error is not None and "page 3" in failed.error and "HTTP 503" in failed.error
+    assert failed.stats.pages == 2
+    assert len(rows(store, schema.customers, tenant_id)) == 20
+    assert store.load_checkpoint(tenant_id, Scope.CUSTOMER) == Checkpoint(3, 3, None)
+
+    tenant_server.requests.clear()
+    (resumed,) = await pull(config, store)
+    assert resumed.status == "succeeded"
+    assert requests_to(tenant_server, tenant_id)[0][1]["page"] == "3"
+    assert len(rows(store, schema.customers, tenant_id)) == 50
+    runs = run_rows(store, tenant_id)
+    assert sum(r["accepted"] for r in runs) == 50 and sum(r["stale"] for r in runs) == 0
+
+
+async def test_cursor_checkpoint_resumes_with_the_stored_cursor(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """In cursor mode the checkpoint is the next cursor; the next run sends it."""
+    add_dataset(tenant_server, tenant_id, orders=30)
+    config = config_for(tenant_server, tenant_id, store=store_url,
+                        scopes={"order": {"pagination": "cursor", "page_size": 10}})
+    tenant_server.fail_next(tenant_id, "orders", Fault(), Fault(status=404))
+    (failed,) = await pull(config, store)
+    assert failed.status == "failed" and failed.stats.pages == 1
+    checkpoint = store.load_checkpoint(tenant_id, Scope.ORDER)
+    assert checkpoint.next_number == 2 and checkpoint.next_cursor is not None
+    tenant_server.requests.clear()
+    (resumed,) = await pull(config, store)
+    assert resumed.status == "succeeded" and resumed.stats.pages == 2
+    assert requests_to(tenant_server, tenant_id)[0][1]["cursor"] == checkpoint.next_cursor
+    assert len(rows(store, schema.orders, tenant_id)) == 30
+
+
+async def test_acknowledgements_are_sent_after_the_page_is_committed(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """commit_url gets one ack per stored page, and each page is already in the store then."""
+    add_dataset(tenant_server, tenant_id, customers=25)
+    config = config_for(tenant_server, tenant_id, store=store_url, scopes={"customer": {
+        "page_size": 10, "commit_url": f"{tenant_server.url}/{tenant_id}/commit"}})
+    observer = sa.create_engine(store_url)
+    seen_in_store: list[int] = []
+
+    def on_ack(ack: dict[str, Any]) -> None:
+        if ack["tenant"] == tenant_id:
+            with observer.connect() as conn:
+                seen_in_store.append(conn.execute(
+                    sa.select(sa.func.count()).select_from(schema.customers)
+                    .where(schema.customers.c.tenant_id == tenant_id)).scalar_one())
+
+    tenant_server.on_ack = on_ack
+    try:
+        (result,) = await pull(config, store)
+    finally:
+        tenant_server.on_ack = None
+        observer.dispose()
+    acks = [a for a in tenant_server.acks if a["tenant"] == tenant_id]
+    assert [a["page"] for a in acks] == [1, 2, 3]
+    assert seen_in_store == [10, 20, 25], "each ack came after its page was durable"
+    assert acks[2] == {"tenant": tenant_id, "shop": f"{tenant_id}.example.com",
+                       "scope": "customer", "page": 3, "cursor": None, "accepted": 5,
+                       "rejected": 0, "run_id": result.run_id}
+
+
+async def test_failed_acknowledgement_is_reported_and_never_rolls_back(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """An ack that keeps failing is counted and logged; the data stays; the run succeeds."""
+    add_dataset(tenant_server, tenant_id, customers=5)
+    config = config_for(tenant_server, tenant_id, store=store_url, scopes={"customer": {
+        "commit_url": f"{tenant_server.url}/{tenant_id}/commit"}})
+    tenant_server.fail_next(tenant_id, "commit", *[Fault(status=500)] * 3)
+    with captured_logs() as events:
+        (result,) = await pull(config, store)
+    assert result.status == "succeeded" and result.stats.acks_failed == 1
+    assert len(rows(store, schema.customers, tenant_id)) == 5
+    (failed,) = [e for e in events if e["event"] == "ack_failed"]
+    assert failed["tenant"] == tenant_id and "stays stored" in failed["error"]
+
+
+async def test_tenant_reported_error_fails_the_run_and_applies_nothing(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """status other than "success": the page is not applied; the message is reported."""
+    add_dataset(tenant_server, tenant_id, customers=5)
+    body = orjson.dumps({"status": "error", "message": "export paused for maintenance",
+                         "meta": {"has_next_page": True}, "data": [make_customer(1)]})
+    tenant_server.fail_next(tenant_id, "customers", Fault(body=body))
+    config = config_for(tenant_server, tenant_id, store=store_url, scopes={"customer": {}})
+    (result,) = await pull(config, store)
+    assert result.status == "failed"
+    assert result.error is not None and "export paused for maintenance" in result.error
+    assert rows(store, schema.customers, tenant_id) == []
+
+
+async def test_page_ceiling_fails_the_run_without_applying_that_page(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """More pages than max_pages fails the run; pages before the ceiling stay stored."""
+    add_dataset(tenant_server, tenant_id, customers=50)
+    config = config_for(tenant_server, tenant_id, store=store_url,
+                        scopes={"customer": {"page_size": 10, "max_pages": 3}})
+    (result,) = await pull(config, store)
+    assert result.status == "failed" and result.error is not None
+    assert "max_pages=3" in result.error and "page 3" in result.error
+    assert len(rows(store, schema.customers, tenant_id)) == 20
+
+
+async def test_loopback_is_refused_unless_private_networks_are_allowed(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """The SSRF guard refuses a host resolving to loopback; nothing is requested."""
+    add_dataset(tenant_server, tenant_id, customers=5)
+    allowed = config_for(tenant_server, tenant_id, store=store_url, scopes={"customer": {}})
+    config = allowed.model_copy(update={"allow_private_networks": False})
+    localhost = config.tenants[0].callbacks[Scope.CUSTOMER].model_copy(
+        update={"url": tenant_server.url.replace("127.0.0.1", "localhost")
+                + f"/{tenant_id}/customers"})
+    tenant = config.tenants[0].model_copy(update={"callbacks": {Scope.CUSTOMER: localhost}})
+    config = config.model_copy(update={"tenants": [tenant]})
+    (result,) = await pull(config, store)
+    assert result.status == "failed" and result.error is not None
+    assert "resolves to 127.0.0.1" in result.error and "allow_private_networks" in result.error
+    assert requests_to(tenant_server, tenant_id) == []
+
+
+async def test_redirects_are_not_followed(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """A 302 fails the run with a message to register the final URL; the target is not called."""
+    add_dataset(tenant_server, tenant_id, customers=5)
+    tenant_server.fail_next(tenant_id, "customers", Fault(
+        status=302, headers={"Location": f"{tenant_server.url}/{tenant_id}/products?k=1"}))
+    config = config_for(tenant_server, tenant_id, store=store_url, scopes={"customer": {}})
+    (result,) = await pull(config, store)
+    assert result.status == "failed" and result.error is not None
+    assert "redirects are not followed" in result.error and "k=1" not in result.error
+    assert len(requests_to(tenant_server, tenant_id)) == 1
+
+
+async def test_secrets_stay_out_of_logs_and_errors(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """The API key authenticates, yet is in no log event or run error; 401 is not retried."""
+    secret = "sk_live_Secret-42"
+    data = add_dataset(tenant_server, tenant_id, customers=5)
+    data.api_key = secret
+    good = config_for(tenant_server, tenant_id, store=store_url, scopes={"customer": {}},
+                      headers={"X-Api-Key": secret})
+    with captured_logs() as events:
+        (ok,) = await pull(good, store)
+        data.api_key = "rotated"
+        (refused,) = await pull(good, store)
+    assert ok.status == "succeeded" and refused.status == "failed"
+    assert refused.error is not None and "HTTP 401" in refused.error
+    assert "credentials" in refused.error
+    assert secret not in repr(events) and secret not in refused.error
+    assert len([q for q in requests_to(tenant_server, tenant_id)]) == 2
+
+
+async def test_log_events_carry_tenant_scope_run_and_page(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """page_applied events carry the fixed keys tenant, scope, run_id and page."""
+    add_dataset(tenant_server, tenant_id, customers=15)
+    config = config_for(tenant_server, tenant_id, store=store_url,
+                        scopes={"customer": {"page_size": 10}})
+    with captured_logs() as events:
+        (result,) = await pull(config, store)
+    applied = [e for e in events if e["event"] == "page_applied"]
+    assert [(e["tenant"], e["scope"], e["run_id"], e["page"]) for e in applied] == [
+        (tenant_id, "customer", result.run_id, "1"), (tenant_id, "customer", result.run_id, "2")]
+    assert {e["event"] for e in events} >= {"run_started", "run_succeeded"}
+
+
+async def test_status_shows_checkpoint_and_last_run(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """status lists, per tenant and scope, the checkpoint and the last run."""
+    add_dataset(tenant_server, tenant_id, customers=30)
+    config = config_for(tenant_server, tenant_id, store=store_url,
+                        scopes={"customer": {"page_size": 10}, "product": {}})
+    tenant_server.fail_next(tenant_id, "customers", Fault(), Fault(status=400))
+    await pull(config, store, scopes=["customer"])
+    customer, product = store.status([(tenant_id, Scope.CUSTOMER), (tenant_id, Scope.PRODUCT)])
+    assert customer.checkpoint == Checkpoint(2, 2, None)
+    assert customer.last_run is not None and customer.last_run["status"] == "failed"
+    assert product.checkpoint is None and product.last_run is None
+
+
+def test_pipeline_module_needs_no_http_or_sql() -> None:
+    """pipeline talks to ports only (STYLE.md); the import-linter contract enforces the rest."""
+    assert pipeline.__file__ is not None
+    text = Path(pipeline.__file__).read_text(encoding="utf-8")
+    assert "import httpx" not in text and "sqlalchemy" not in text

@@ -122,6 +122,10 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     store = Store.open(config.store)
     try:
         results = asyncio.run(_pull(config, jobs, store, concurrency=max(1, args.concurrency)))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("puller: interrupted — runs in flight were recorded as interrupted; the next "
+              "pull resumes at their checkpoints", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         store.close()
     _print_summary(results, as_json=args.json)

@@ -182,19 +182,19 @@ class TenantServer:
             meta: dict[str, Any] = {"has_next_page": start + size < len(rows), "page": page,
                                     "page_size": size}
         else:
-            start = _offset(query.get("cursor"))
+            start = cursor_offset(query.get("cursor"))
             chunk = rows[start:start + size]
             more = start + size < len(rows)
             meta = {"has_next_page": more, "page_size": size,
-                    "cursor": _cursor(start + size) if more else None}
+                    "cursor": cursor_for(start + size) if more else None}
         return {"status": "success", "message": "", "meta": meta, "data": chunk}
 
 
-def _cursor(offset: int) -> str:
+def cursor_for(offset: int) -> str:
     return base64.urlsafe_b64encode(f"offset:{offset}".encode()).decode()
 
 
-def _offset(cursor: str | None) -> int:
+def cursor_offset(cursor: str | None) -> int:
     if not cursor:
         return 0
     return int(base64.urlsafe_b64decode(cursor.encode()).decode().split(":")[1])

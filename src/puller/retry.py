@@ -6,12 +6,25 @@ import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from puller import errors
-from puller.config import RetryConfig
+
+
+class RetryPolicy(Protocol):
+    """How patiently to retry: satisfied by `config.RetryConfig`."""
+
+    @property
+    def attempts(self) -> int: ...
+
+    @property
+    def initial_wait_s(self) -> float: ...
+
+    @property
+    def max_wait_s(self) -> float: ...
+
 
 Verdict = Literal["ok", "transient", "fatal", "redirect"]
 MAX_RETRY_AFTER_S = 300.0
@@ -45,14 +58,14 @@ def retry_after_s(value: str | None, now: datetime) -> float | None:
     return min(max((when - now).total_seconds(), 0.0), MAX_RETRY_AFTER_S)
 
 
-def backoff_s(attempt: int, policy: RetryConfig, *, rng: random.Random) -> float:
+def backoff_s(attempt: int, policy: RetryPolicy, *, rng: random.Random) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(max, initial·2^(attempt-1))]."""
     ceiling = min(policy.max_wait_s, policy.initial_wait_s * 2 ** (attempt - 1))
     return rng.uniform(0, ceiling)
 
 
 def retrying(
-    policy: RetryConfig,
+    policy: RetryPolicy,
     *,
     sleep: Callable[[float], Awaitable[None]],
     rng: random.Random | None = None,

@@ -200,17 +200,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _status_row(status: ScopeStatus) -> dict[str, Any]:
     cp = status.checkpoint
     if cp is None or cp.is_fresh:
-        position = "page 1 (fresh sweep)"
+        position = "new sweep"
     elif cp.next_page is not None:
         position = f"page {cp.next_page}"
     else:
-        position = f"page {cp.next_number} (cursor {str(cp.next_cursor)[:24]})"
+        position = f"page {cp.next_number} (cursor)"
     run = status.last_run or {}
     started = run.get("started_at")
     return {
         "tenant": status.tenant, "scope": status.scope, "next": position,
         "last_run": run.get("id"), "last_status": run.get("status", "never run"),
-        "last_started_at": started.isoformat() if started else None,
+        "last_started_at": started.isoformat(timespec="seconds") if started else None,
         "pages": run.get("pages"), "accepted": run.get("accepted"),
         "rejected": run.get("rejected"), "stale": run.get("stale"), "error": run.get("error"),
     }
@@ -229,4 +229,6 @@ def _print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[s
         table.add_column(column, justify="right" if column not in ("tenant", "scope") else "left")
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    Console(width=max(120, Console().width)).print(table)
+    console = Console()
+    # Off a terminal rich assumes 80 columns and wraps; a pipe or log file gets full rows.
+    (console if console.is_terminal else Console(width=200)).print(table)

@@ -90,3 +90,4 @@ async def test_policy_does_not_retry_terminal_errors() -> None:
                 raise errors.FatalCallbackError(tenant="t", scope="order", page="2",
                                                 reason="HTTP 404")
     assert slept == []
+

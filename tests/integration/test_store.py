@@ -1,0 +1,129 @@
+"""The store on both backends: one transaction per page, newest-wins in SQL, runs, UTC."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from puller import errors, schema
+from puller.domain import Accepted, Checkpoint, Rejection, Scope
+from puller.records import validate_page
+from puller.store import Store
+from puller.tenant_server import make_customer, make_product
+from tests.conftest import BACKENDS
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+def _products(*versions: tuple[str, str]) -> list[Accepted]:
+    raws = [make_product(i, product_id=pid, last_modified_date=ts)
+            for i, (pid, ts) in enumerate(versions)]
+    page = validate_page(Scope.PRODUCT, raws)
+    assert not page.rejections
+    return page.accepted
+
+
+def _apply(store: Store, run_id: int, accepted: list[Accepted], *,
+           rejections: list[Rejection] | None = None, checkpoint: Checkpoint | None = None,
+           page: str = "1") -> tuple[int, int]:
+    outcome = store.apply_page(run_id=run_id, tenant="acme", scope=Scope.PRODUCT, page=page,
+                               accepted=accepted, rejections=rejections or [],
+                               checkpoint=checkpoint or Checkpoint(), normalised=0, now=NOW)
+    return outcome.applied, outcome.stale
+
+
+def _stored(store: Store) -> dict[str, datetime]:
+    with store.engine.connect() as conn:
+        return {r.product_id: r.last_modified_date for r in conn.execute(
+            sa.select(schema.products.c.product_id, schema.products.c.last_modified_date))}
+
+
+@BACKENDS
+def test_newest_wins_compares_instants_not_text(store: Store) -> None:
+    """10:30+02:00 (08:30Z) is older than 09:00Z even though its text sorts later."""
+    run = store.start_run("acme", Scope.PRODUCT, trigger="test", now=NOW)
+    assert _apply(store, run, _products(("p1", "2024-12-01T10:30:00+02:00"))) == (1, 0)
+    assert _apply(store, run, _products(("p1", "2024-12-01T09:00:00Z"))) == (1, 0)
+    assert _stored(store)["p1"] == datetime(2024, 12, 1, 9, 0, tzinfo=UTC)
+    assert _apply(store, run, _products(("p1", "2024-12-01T10:59:59+02:00"))) == (0, 1)
+    assert _apply(store, run, _products(("p1", "2024-12-01T09:00:00.000001Z"))) == (1, 0)
+
+
+@BACKENDS
+def test_equal_timestamp_is_stale_and_changes_nothing(store: Store) -> None:
+    """Re-applying the same version is stale; the stored row keeps its first run id."""
+    first = store.start_run("acme", Scope.PRODUCT, trigger="test", now=NOW)
+    _apply(store, first, _products(("p1", "2024-12-01T00:00:00Z")))
+    second = store.start_run("acme", Scope.PRODUCT, trigger="test", now=NOW)
+    assert _apply(store, second, _products(("p1", "2024-12-01T00:00:00Z"))) == (0, 1)
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(schema.products.c.run_id)).scalar_one() == first
+
+
+@BACKENDS
+def test_a_page_is_one_transaction(store: Store) -> None:
+    """If any write of a page fails, none of it is kept: no records, counters or checkpoint."""
+    run = store.start_run("acme", Scope.PRODUCT, trigger="test", now=NOW)
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE checkpoints"))
+    with pytest.raises(errors.StoreError, match="nothing of this step was written"):
+        _apply(store, run, _products(("p1", "2024-12-01T00:00:00Z")),
+               rejections=[Rejection(1, {"x": 1}, ("product_id: required field is missing",))],
+               checkpoint=Checkpoint(2, 2, None))
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema.products)
+                            ).scalar_one() == 0
+        assert conn.execute(sa.select(sa.func.count()).select_from(schema.rejected_records)
+                            ).scalar_one() == 0
+        row = conn.execute(sa.select(schema.runs)).one()
+    assert (row.pages, row.accepted, row.rejected) == (0, 0, 0)
+
+
+@BACKENDS
+def test_page_writes_records_rejections_counters_and_checkpoint_together(store: Store) -> None:
+    """A committed page carries all four writes."""
+    run = store.start_run("acme", Scope.PRODUCT, trigger="test", now=NOW)
+    _apply(store, run, _products(("p1", "2024-12-01T00:00:00Z"), ("p2", "2024-12-01T00:00:00Z")),
+           rejections=[Rejection(2, ["not", "an", "object"], ("record is a list",))],
+           checkpoint=Checkpoint(2, 2, None), page="1")
+    assert store.load_checkpoint("acme", Scope.PRODUCT) == Checkpoint(2, 2, None)
+    stats = store.finish_run(run, status="succeeded", now=NOW)
+    assert (stats.pages, stats.accepted, stats.rejected) == (1, 2, 1)
+    with store.engine.connect() as conn:
+        rejected = conn.execute(sa.select(schema.rejected_records)).one()
+    assert rejected.record == ["not", "an", "object"] and rejected.position == 2
+
+
+@BACKENDS
+def test_unfinished_runs_are_marked_abandoned_by_the_next_run(store: Store) -> None:
+    """A run left `running` by a killed process is `abandoned` when the next one starts."""
+    killed = store.start_run("acme", Scope.PRODUCT, trigger="test", now=NOW)
+    other_scope = store.start_run("acme", Scope.CUSTOMER, trigger="test", now=NOW)
+    store.start_run("acme", Scope.PRODUCT, trigger="test", now=NOW + timedelta(minutes=1))
+    with store.engine.connect() as conn:
+        status = dict(conn.execute(sa.select(schema.runs.c.id, schema.runs.c.status)).all())
+    assert status[killed] == "abandoned" and status[other_scope] == "running"
+
+
+@BACKENDS
+def test_customer_columns_and_extra_round_trip(store: Store) -> None:
+    """Customer columns and non-ASCII extras come back as stored, timestamps aware UTC."""
+    raw = make_customer(7, nickname="Zoë", tags=["ä", 1, None])
+    page = validate_page(Scope.CUSTOMER, [raw])
+    run = store.start_run("acme", Scope.CUSTOMER, trigger="test", now=NOW)
+    store.apply_page(run_id=run, tenant="acme", scope=Scope.CUSTOMER, page="1",
+                     accepted=page.accepted, rejections=[], checkpoint=Checkpoint(),
+                     normalised=0, now=NOW)
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(schema.customers)).one()
+    assert row.extra == {"loyalty_tier": "silver", "nickname": "Zoë", "tags": ["ä", 1, None]}
+    assert row.first_name == raw["first_name"] and row.last_name == raw["last_name"]
+    assert row.last_modified_date.tzinfo is not None and row.stored_at == NOW
+
+
+def test_unsupported_store_url_says_what_to_use() -> None:
+    """A store URL of another kind is refused with the supported forms."""
+    with pytest.raises(errors.StoreError, match="use sqlite:///PATH or postgresql"):
+        Store.open("mysql://root@localhost/x")

@@ -103,6 +103,8 @@ class Dataset:
     shop: str
     records: dict[str, list[Any]] = field(default_factory=dict)
     api_key: str | None = None
+    page_delay_s: float = 0.0
+    """Sleep before each page: a slow tenant, so tests can act while a sweep is under way."""
 
     @classmethod
     def generate(
@@ -173,7 +175,10 @@ class TenantServer:
 
     def page(self, tenant: str, scope: str, query: dict[str, str]) -> dict[str, Any]:
         """The envelope for one request, in page or cursor mode."""
-        rows = self.datasets[tenant].records[scope]
+        dataset = self.datasets[tenant]
+        if dataset.page_delay_s:
+            time.sleep(dataset.page_delay_s)
+        rows = dataset.records[scope]
         size = int(query.get("page_size", "50"))
         if "page" in query:
             page = int(query["page"])
@@ -202,6 +207,8 @@ def cursor_offset(cursor: str | None) -> int:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body are separate writes; with Nagle on, delayed ACKs add ~40 ms a page.
+    disable_nagle_algorithm = True
     tenants: TenantServer  # set on the subclass made per server
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -226,6 +226,7 @@ def test_sigkill_at_random_moments_converges(tenant_server: TenantServer, tenant
                                              tmp_path: Path) -> None:
     """Kill the pull at seeded random moments, repeatedly; a final run converges exactly."""
     data = add_dataset(tenant_server, tenant_id, customers=400, invalid_every=9)
+    data.page_delay_s = 0.03  # ~0.6 s of pages: kills land before, during and after the sweep
     store_url = f"sqlite:///{tmp_path}/p.db"
     config = write_config(tmp_path, tenant_server, tenant_id, store_url=store_url,
                           scopes={"customer": {"page_size": 20, "pagination": "cursor"}})
@@ -234,9 +235,10 @@ def test_sigkill_at_random_moments_converges(tenant_server: TenantServer, tenant
         proc = subprocess.Popen([sys.executable, "-m", "puller", "pull", "--config",
                                  str(config)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=_env())
-        time.sleep(chance.uniform(0.3, 1.2))
+        time.sleep(chance.uniform(0.4, 1.4))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+    data.page_delay_s = 0.0
     done = puller("pull", "--config", str(config))
     assert done.returncode == 0, done.stdout + done.stderr
     assert_store_equals_source(store_url, tenant_id, data, "customer")

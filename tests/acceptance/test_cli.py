@@ -98,6 +98,11 @@ def test_exit_0_and_summary_on_success(tenant_server: TenantServer, tenant_id: s
         ("customer", "succeeded"), ("product", "succeeded"), ("order", "succeeded")]
     assert (summary[0]["pages"], summary[0]["accepted"], summary[0]["rejected"]) == (3, 54, 6)
     assert {"stale", "duration_s"} <= set(summary[0])
+    events = [orjson.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    finished = [e for e in events if e["event"] == "run_succeeded"]
+    assert {(e["tenant"], e["scope"]) for e in finished} == {
+        (tenant_id, "customer"), (tenant_id, "product"), (tenant_id, "order")}
+    assert all(isinstance(e["run_id"], int) and e["level"] == "info" for e in finished)
     for scope in ("customer", "product", "order"):
         assert_store_equals_source(store_url, tenant_id, data, scope)
     table = puller("pull", "--config", str(config), "--scope", "customer")

@@ -8,16 +8,18 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
 import orjson
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from puller import __version__, client, errors, logs, pipeline
+from puller import __version__, client, errors, logs, pipeline, worker
 from puller.config import PullerConfig, load_config
-from puller.domain import RunResult, Scope
+from puller.domain import PageOutcome, RunResult, Scope
 from puller.store import ScopeStatus, Store
 
 EXIT_OK = 0
@@ -74,12 +76,45 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=_cmd_status)
 
+    run = sub.add_parser("run", help="the long-lived worker: pull every callback on schedule")
+    run.add_argument("--config", required=True, type=Path)
+    run.set_defaults(handler=_cmd_run)
+
+    runs = sub.add_parser("runs", help="recent runs, newest first")
+    _add_view_args(runs)
+    runs.add_argument("--status", choices=["running", "succeeded", "failed", "interrupted",
+                                           "abandoned"])
+    runs.set_defaults(handler=_cmd_runs)
+
+    rejects = sub.add_parser("rejects", help="rejected records with their reasons")
+    _add_view_args(rejects)
+    rejects.add_argument("--run", type=int, help="only this run id")
+    rejects.set_defaults(handler=_cmd_rejects)
+
+    purge = sub.add_parser("purge", help="delete what retention allows, now")
+    purge.add_argument("--config", required=True, type=Path)
+    purge.set_defaults(handler=_cmd_purge)
+
+    forget = sub.add_parser("forget", help="erase one customer's personal data now (GDPR)")
+    forget.add_argument("--config", required=True, type=Path)
+    forget.add_argument("--tenant", required=True)
+    forget.add_argument("--customer", required=True, help="the customer_id")
+    forget.set_defaults(handler=_cmd_forget)
+
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate a config file without running")
     check.add_argument("path", type=Path)
     check.set_defaults(handler=_cmd_config_check)
     return parser
+
+
+def _add_view_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--tenant")
+    parser.add_argument("--scope", type=lambda v: Scope.parse(v).value)
+    parser.add_argument("--limit", type=int, default=50)
+    parser.add_argument("--json", action="store_true")
 
 
 def read_config(path: Path) -> PullerConfig:
@@ -138,12 +173,26 @@ async def _pull(config: PullerConfig, jobs: Sequence[pipeline.Job], store: Store
     if main_task is not None:
         # SIGTERM from cron/systemd: cancel like Ctrl-C, so runs are recorded as interrupted.
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    return await pull_now(config, jobs, store, concurrency=concurrency)
+    if not sys.stdout.isatty():
+        return await pull_now(config, jobs, store, concurrency=concurrency)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                  TextColumn("{task.completed} pages · {task.fields[records]} records"),
+                  TimeElapsedColumn(), transient=True) as progress:
+        bars = {(j.tenant.id, j.scope): progress.add_task(f"{j.tenant.id}/{j.scope.value}",
+                                                          total=None, records=0) for j in jobs}
+        seen: dict[int, int] = {}
+
+        def on_page(job: pipeline.Job, outcome: PageOutcome) -> None:
+            bar = bars[(job.tenant.id, job.scope)]
+            seen[bar] = seen.get(bar, 0) + outcome.applied + outcome.stale + outcome.rejected
+            progress.update(bar, advance=1, records=seen[bar])
+
+        return await pull_now(config, jobs, store, concurrency=concurrency, on_page=on_page)
 
 
 async def pull_now(
     config: PullerConfig, jobs: Sequence[pipeline.Job], store: Store, *, concurrency: int,
-    sleep: client.Sleep = asyncio.sleep,
+    sleep: client.Sleep = asyncio.sleep, on_page: pipeline.PageHook | None = None,
 ) -> list[RunResult]:
     """Pull the jobs once with a fresh HTTP client; every run's result, failed ones included."""
     clock = pipeline.SystemClock()
@@ -155,7 +204,8 @@ async def pull_now(
                 http, tenant=job.tenant, scope=job.scope, callback=job.callback,
                 policy=config.retry, sleep=sleep,
             )
-            return await pipeline.run_sweep(job, source=source, sink=store, clock=clock)
+            return await pipeline.run_sweep(job, source=source, sink=store, clock=clock,
+                                            on_page=on_page)
 
         return await pipeline.run_all(jobs, run_one, max_concurrent=concurrency)
 
@@ -216,6 +266,98 @@ def _status_row(status: ScopeStatus) -> dict[str, Any]:
     }
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = read_config(args.config)
+    store = Store.open(config.store)
+    try:
+        asyncio.run(_serve(config, args.config, store))
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+async def _serve(config: PullerConfig, path: Path, store: Store) -> None:
+    async with client.build_http_client(
+        allow_private_networks=config.allow_private_networks
+    ) as http:
+        serving = worker.Worker(config, load_config=lambda: read_config(path), store=store,
+                                http=http)
+        ops = None
+        if config.worker.metrics_port:
+            ops = worker.OpsServer(serving, host=config.worker.metrics_host,
+                                   port=config.worker.metrics_port).start()
+            logs.get_logger().info("ops_server_started", host=config.worker.metrics_host,
+                                   port=ops.port, paths=["/metrics", "/healthz"])
+        serving.install_signal_handlers()
+        try:
+            await serving.run()
+        finally:
+            if ops is not None:
+                ops.stop()
+
+
+def _with_store(args: argparse.Namespace) -> tuple[PullerConfig, Store]:
+    config = read_config(args.config)
+    return config, Store.open(config.store)
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    _, store = _with_store(args)
+    try:
+        rows = store.list_runs(tenant=args.tenant, scope=args.scope, status=args.status,
+                               limit=args.limit)
+    finally:
+        store.close()
+    _print_rows("puller runs", rows, ["id", "tenant_id", "scope", "trigger", "status",
+                                      "started_at", "finished_at", "pages", "accepted",
+                                      "rejected", "stale", "error"], as_json=args.json)
+    return EXIT_OK
+
+
+def _cmd_rejects(args: argparse.Namespace) -> int:
+    _, store = _with_store(args)
+    try:
+        rows = store.list_rejects(tenant=args.tenant, scope=args.scope, run_id=args.run,
+                                  limit=args.limit)
+    finally:
+        store.close()
+    if not args.json:
+        rows = [{**r, "reasons": "; ".join(r["reasons"]),
+                 "record": orjson.dumps(r["record"]).decode()[:80]} for r in rows]
+    _print_rows("puller rejects", rows, ["id", "tenant_id", "scope", "run_id", "page",
+                                         "position", "reasons", "record"], as_json=args.json)
+    return EXIT_OK
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    config, store = _with_store(args)
+    retention = config.retention
+    try:
+        removed = store.purge(now=pipeline.SystemClock().now(),
+                              soft_deleted_s=retention.soft_deleted_s,
+                              rejected_s=retention.rejected_s, runs_s=retention.runs_s)
+    finally:
+        store.close()
+    logs.get_logger().info("purge_finished", **removed)
+    print("purged: " + ", ".join(f"{count} {what}" for what, count in removed.items()))
+    return EXIT_OK
+
+
+def _cmd_forget(args: argparse.Namespace) -> int:
+    config, store = _with_store(args)
+    config.tenant(args.tenant)
+    try:
+        erased = store.forget_customer(args.tenant, args.customer)
+    finally:
+        store.close()
+    # Logged: that an erasure happened and how much; never which customer (it is personal).
+    logs.get_logger().info("customer_forgotten", tenant=args.tenant, **erased)
+    print(f"erased: {erased['customers']} customer row(s), {erased['rejected']} rejected "
+          "record(s). The tenant must stop exporting this customer, or the next sweep "
+          "stores it again.")
+    return EXIT_OK
+
+
 def _cmd_config_check(args: argparse.Namespace) -> int:
     config = read_config(args.path)
     callbacks = sum(len(t.callbacks) for t in config.tenants)
@@ -223,12 +365,28 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_rows(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str], *,
+                as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(orjson.dumps(list(rows), option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        _print_table(title, rows, columns)
+
+
 def _print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     table = Table(title=title)
     for column in columns:
         table.add_column(column, justify="right" if column not in ("tenant", "scope") else "left")
     for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+        table.add_row(*(_cell(row.get(c)) for c in columns))
     console = Console()
     # Off a terminal rich assumes 80 columns and wraps; a pipe or log file gets full rows.
     (console if console.is_terminal else Console(width=200)).print(table)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    return str(value)

@@ -8,7 +8,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any, TypedDict
+from typing import Any, Protocol, TypedDict
 from urllib.parse import urlsplit
 
 import httpcore
@@ -23,7 +23,14 @@ MAX_CONNECTIONS = 100
 CONNECT_TIMEOUT_S = 10.0
 
 Sleep = Callable[[float], Awaitable[None]]
-RetryHook = Callable[[BaseException, float], None]
+
+
+class RequestObserver(Protocol):
+    """Told about every failed request attempt and every retry (the worker's metrics)."""
+
+    def request_failed(self, status: str) -> None: ...
+
+    def request_retried(self) -> None: ...
 
 
 class _Where(TypedDict):
@@ -135,7 +142,7 @@ class CallbackSource:
         callback: CallbackConfig,
         policy: RetryConfig,
         sleep: Sleep = asyncio.sleep,
-        on_retry: RetryHook | None = None,
+        observer: RequestObserver | None = None,
     ) -> None:
         self._http = http
         self._tenant = tenant
@@ -143,7 +150,7 @@ class CallbackSource:
         self._callback = callback
         self._policy = policy
         self._sleep = sleep
-        self._on_retry = on_retry
+        self._observer = observer
         self._headers = {**tenant.header_values(), "Content-Type": "application/json"}
 
     async def fetch_page(self, request: PageRequest) -> bytes:
@@ -178,10 +185,21 @@ class CallbackSource:
                                   page=ack.request.label, reason=str(exc.args[0])) from exc
 
     def _retrying(self) -> Any:
-        return retry.retrying(self._policy, sleep=self._sleep, on_retry=self._on_retry)
+        observer = self._observer
+        on_retry = None if observer is None else (lambda _exc, _delay: observer.request_retried())
+        return retry.retrying(self._policy, sleep=self._sleep, on_retry=on_retry)
 
     async def _post(self, url: str, body: bytes, *, params: dict[str, str], page: str,
                     cap: int) -> bytes:
+        try:
+            return await self._post_once(url, body, params=params, page=page, cap=cap)
+        except errors.CallbackError as exc:
+            if self._observer is not None:
+                self._observer.request_failed(_status_label(exc))
+            raise
+
+    async def _post_once(self, url: str, body: bytes, *, params: dict[str, str], page: str,
+                         cap: int) -> bytes:
         where = _Where(tenant=self._tenant.id, scope=self._scope.value, page=page)
         path = urlsplit(url).path or "/"
         try:
@@ -204,6 +222,17 @@ class CallbackSource:
         except httpx.TransportError as exc:
             raise errors.TransientCallbackError(
                 **where, reason=f"{type(exc).__name__} on POST {path}: {_short(exc)}") from None
+
+
+def _status_label(exc: errors.CallbackError) -> str:
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        return str(status)
+    if isinstance(exc, errors.TransientCallbackError):
+        return "timeout" if "Timeout" in exc.reason else "transport"
+    if isinstance(exc, errors.ForbiddenAddressError):
+        return "forbidden"
+    return "broken"
 
 
 def _check_status(response: httpx.Response, *, path: str, where: _Where) -> None:

@@ -137,6 +137,42 @@ def _scope_keys(value: object) -> object:
     return parsed
 
 
+class WorkerConfig(_Frozen):
+    """The long-lived worker (`puller run`): limits, ports, shutdown, back-off."""
+
+    max_concurrent_runs: int = Field(default=8, ge=1, le=1000)
+    max_runs_per_tenant: int = Field(default=2, ge=1, le=100)
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    shutdown_grace_s: DurationS = Field(default=30.0, alias="shutdown_grace")
+    startup_jitter_s: float = Field(default=10.0, ge=0, alias="startup_jitter")
+    failure_backoff_s: DurationS = Field(default=30.0, alias="failure_backoff")
+    max_failure_backoff_s: DurationS = Field(default=3600.0, alias="max_failure_backoff")
+    stuck_after_s: DurationS = Field(default=30.0, alias="stuck_after")
+    maintenance_cron: str = "17 3 * * *"
+
+    @field_validator("startup_jitter_s", mode="before")
+    @classmethod
+    def _jitter(cls, value: object) -> object:
+        # Zero is a valid jitter (no spreading), unlike other durations.
+        return 0.0 if value in (0, "0", "0s") else parse_duration_s(value)
+
+    @field_validator("maintenance_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"cron {value!r} needs 5 fields: minute hour day month weekday")
+        return value
+
+
+class RetentionConfig(_Frozen):
+    """How long soft-deleted and rejected records are kept before the daily purge."""
+
+    soft_deleted_s: DurationS = Field(default=90 * 86400.0, alias="soft_deleted")
+    rejected_s: DurationS = Field(default=30 * 86400.0, alias="rejected")
+    runs_s: DurationS = Field(default=90 * 86400.0, alias="runs")
+
+
 class TenantConfig(_Frozen):
     """A registered tenant: its shop, its headers (secrets from env) and one callback per scope."""
 
@@ -173,6 +209,8 @@ class PullerConfig(_Frozen):
     store: str = DEFAULT_STORE_URL
     allow_private_networks: bool = False
     retry: RetryConfig = Field(default_factory=RetryConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     tenants: list[TenantConfig] = Field(default_factory=list)
 
     @field_validator("tenants")
@@ -269,9 +307,11 @@ def _config_error(exc: ValidationError) -> errors.ConfigError:
 __all__ = [
     "CallbackConfig",
     "PullerConfig",
+    "RetentionConfig",
     "RetryConfig",
     "ScheduleConfig",
     "TenantConfig",
+    "WorkerConfig",
     "load_config",
     "parse_duration_s",
 ]

@@ -158,6 +158,7 @@ class PageOutcome:
 
     applied: int
     stale: int
+    rejected: int = 0
 
 
 @dataclass(frozen=True, slots=True)

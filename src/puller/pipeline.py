@@ -80,13 +80,22 @@ class Job:
 
 
 PageHook = Callable[[Job, PageOutcome], None]
+StopCheck = Callable[[], bool]
+
+
+class _StopRequested(Exception):
+    """The worker asked the sweep to stop after the page it just committed."""
 
 
 async def run_sweep(
     job: Job, *, source: PageSource, sink: PageSink, clock: SystemClock,
-    on_page: PageHook | None = None,
+    on_page: PageHook | None = None, should_stop: StopCheck | None = None,
 ) -> RunResult:
-    """Pull one (tenant, scope) from its checkpoint to the end of the sweep, page by page."""
+    """Pull one (tenant, scope) from its checkpoint to the end of the sweep, page by page.
+
+    `should_stop` is asked after every committed page: a graceful shutdown lets the page in
+    flight finish its transaction, then ends the run as `interrupted`.
+    """
     log = logs.get_logger()
     started = clock.monotonic()
     tenant, scope = job.tenant.id, job.scope
@@ -97,14 +106,16 @@ async def run_sweep(
     with logs.bound(tenant=tenant, scope=scope.value, run_id=run_id):
         log.info("run_started", trigger=job.trigger)
         try:
-            await _sweep(job, run_id, source=source, sink=sink, clock=clock, on_page=on_page)
+            await _sweep(job, run_id, source=source, sink=sink, clock=clock, on_page=on_page,
+                         should_stop=should_stop)
+        except _StopRequested:
+            status, error = "interrupted", _INTERRUPTED
         except errors.PullerError as exc:
             status, error = "failed", str(exc)
         except asyncio.CancelledError:
             # Shielded so an interrupted run is recorded as such before the task ends.
             await asyncio.shield(asyncio.to_thread(
-                sink.finish_run, run_id, status="interrupted", now=clock.now(),
-                error="interrupted (shutdown or signal); the next run resumes at the checkpoint",
+                sink.finish_run, run_id, status="interrupted", now=clock.now(), error=_INTERRUPTED,
             ))
             log.warning("run_interrupted")
             raise
@@ -119,9 +130,12 @@ async def run_sweep(
                      duration_s=duration_s, error=error)
 
 
+_INTERRUPTED = "interrupted (shutdown or signal); the next run resumes at the checkpoint"
+
+
 async def _sweep(
     job: Job, run_id: int, *, source: PageSource, sink: PageSink, clock: SystemClock,
-    on_page: PageHook | None,
+    on_page: PageHook | None, should_stop: StopCheck | None,
 ) -> None:
     callback = job.callback
     start = await asyncio.to_thread(sink.load_checkpoint, job.tenant.id, job.scope)
@@ -134,6 +148,8 @@ async def _sweep(
         with logs.bound(page=request.label):
             request = await _one_page(job, run_id, request, paginator, source=source,
                                       sink=sink, clock=clock, on_page=on_page)
+        if request is not None and should_stop is not None and should_stop():
+            raise _StopRequested
 
 
 async def _one_page(

@@ -5,12 +5,23 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    Table,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -161,7 +172,7 @@ class Store:
                                                rejected=len(rejections), stale=stale,
                                                normalised=normalised))
             self._checkpoint(conn, tenant, scope, checkpoint, run_id=run_id, now=now)
-        return PageOutcome(applied=applied, stale=stale)
+        return PageOutcome(applied=applied, stale=stale, rejected=len(rejections))
 
     def _upsert(
         self, conn: Connection, tenant: str, scope: Scope, records: Sequence[Accepted], *,
@@ -266,12 +277,70 @@ class Store:
                 ))
         return out
 
+    def purge(self, *, now: datetime, soft_deleted_s: float, rejected_s: float,
+              runs_s: float) -> dict[str, int]:
+        """Delete soft-deleted records, rejected records and finished runs past retention."""
+        removed: dict[str, int] = {}
+        with self._begin() as conn:
+            for scope, table in schema.RECORD_TABLES.items():
+                cutoff = now - timedelta(seconds=soft_deleted_s)
+                removed[scope] = conn.execute(
+                    delete(table).where(table.c.deleted_at.is_not(None),
+                                        table.c.deleted_at < cutoff)).rowcount
+            rejected = schema.rejected_records
+            removed["rejected"] = conn.execute(delete(rejected).where(
+                rejected.c.rejected_at < now - timedelta(seconds=rejected_s))).rowcount
+            runs = schema.runs
+            removed["runs"] = conn.execute(delete(runs).where(
+                runs.c.status != "running", runs.c.started_at < now - timedelta(seconds=runs_s),
+            )).rowcount
+        return removed
+
+    def forget_customer(self, tenant: str, customer_id: str) -> dict[str, int]:
+        """Erase one customer's personal data now: the customer row and rejected records
+        (of any scope) that carry this customer id."""
+        customers, rejected = schema.customers, schema.rejected_records
+        with self._begin() as conn:
+            rows = conn.execute(delete(customers).where(
+                customers.c.tenant_id == tenant, customers.c.customer_id == customer_id,
+            )).rowcount
+            rejects = conn.execute(delete(rejected).where(
+                rejected.c.tenant_id == tenant,
+                rejected.c.record["customer_id"].as_string() == customer_id,
+            )).rowcount
+        return {"customers": rows, "rejected": rejects}
+
+    def list_runs(self, *, tenant: str | None = None, scope: str | None = None,
+                  status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Recent runs, newest first, optionally filtered."""
+        runs = schema.runs
+        query = select(runs).order_by(runs.c.id.desc()).limit(limit)
+        query = _filtered(query, runs, tenant_id=tenant, scope=scope, status=status)
+        with self._begin() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def list_rejects(self, *, tenant: str | None = None, scope: str | None = None,
+                     run_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Rejected records with their reasons, newest first, optionally filtered."""
+        rejected = schema.rejected_records
+        query = select(rejected).order_by(rejected.c.id.desc()).limit(limit)
+        query = _filtered(query, rejected, tenant_id=tenant, scope=scope, run_id=run_id)
+        with self._begin() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
     def count_records(self, tenant: str, scope: Scope) -> int:
         table = schema.RECORD_TABLES[scope.value]
         with self._begin() as conn:
             return int(conn.execute(
                 select(func.count()).select_from(table).where(table.c.tenant_id == tenant)
             ).scalar_one())
+
+
+def _filtered(query: Select[Any], table: Table, **equal: object) -> Select[Any]:
+    for column, value in equal.items():
+        if value is not None:
+            query = query.where(table.c[column] == value)
+    return query
 
 
 def _first_line(exc: SQLAlchemyError) -> str:

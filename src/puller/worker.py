@@ -1,0 +1,325 @@
+"""The long-lived worker: dispatch due runs within limits, back off, reload, drain, report."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+
+from puller import client, errors, logs, pipeline
+from puller.config import PullerConfig, TenantConfig
+from puller.domain import PageOutcome, RunResult, Scope
+from puller.metrics import Metrics
+from puller.scheduler import JobKey, Schedule
+from puller.store import Store
+
+HEARTBEAT_S = 1.0
+ConfigLoader = Callable[[], PullerConfig]
+
+
+@dataclass
+class _Slot:
+    """What the dispatcher knows of one (tenant, scope)."""
+
+    due: bool = False
+    task: asyncio.Task[None] | None = None
+    failures: int = 0
+    not_before: float = 0.0
+    retired: bool = False
+
+
+class Heartbeat:
+    """Ticks on the event loop; its age tells a thread whether the loop is stuck."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last = clock()
+
+    def beat(self) -> None:
+        self._last = self._clock()
+
+    def age_s(self) -> float:
+        return self._clock() - self._last
+
+
+class Worker:
+    """Runs every scheduled (tenant, scope) under the global and per-tenant caps."""
+
+    def __init__(self, config: PullerConfig, *, load_config: ConfigLoader, store: Store,
+                 http: httpx.AsyncClient, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self._load_config = load_config
+        self._store = store
+        self._http = http
+        self.metrics = metrics or Metrics()
+        self.heartbeat = Heartbeat()
+        self._clock = pipeline.SystemClock()
+        self._slots: dict[JobKey, _Slot] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._schedule = Schedule(on_due=self.mark_due, on_maintenance=self._start_maintenance)
+        self._background: set[asyncio.Task[Any]] = set()
+        self._log = logs.get_logger()
+
+    async def run(self) -> None:
+        """Serve until stop() is called, then drain within shutdown_grace."""
+        self._schedule.start(self.config, now=self._clock.now())
+        self._log.info("worker_started", tenants=len(self.config.tenants),
+                       max_concurrent_runs=self.config.worker.max_concurrent_runs,
+                       max_runs_per_tenant=self.config.worker.max_runs_per_tenant)
+        beat = asyncio.create_task(self._beat())
+        try:
+            while not self._stopping:
+                await self._wake.wait()
+                self._wake.clear()
+                self._dispatch()
+        finally:
+            beat.cancel()
+            self._schedule.shutdown()
+            await self._drain()
+            self._stopped.set()
+
+    def stop(self) -> None:
+        """Stop starting runs; in-flight runs finish their page and end `interrupted`."""
+        if not self._stopping:
+            self._stopping = True
+            self._log.info("worker_stopping", in_flight=self._in_flight())
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    def mark_due(self, tenant: str, scope: Scope) -> None:
+        """Called by the scheduler: this (tenant, scope) should run; repeats coalesce."""
+        slot = self._slots.setdefault((tenant, scope), _Slot())
+        slot.due = True
+        self._wake.set()
+
+    def reload(self) -> None:
+        """Re-read the config; an invalid one is refused and the old one keeps running."""
+        try:
+            new = self._load_config()
+        except errors.PullerError as exc:
+            self._log.error("config_reload_failed", error=str(exc),
+                            hint="the previous configuration keeps running; fix the file and "
+                            "send SIGHUP again")
+            return
+        if new.store != self.config.store:
+            self._log.warning("config_store_change_ignored",
+                              hint="a new store URL takes effect after a restart")
+        counts = self._schedule.apply(new, now=self._clock.now())
+        kept = {(t.id, s) for t in new.tenants for s in t.callbacks}
+        for key, slot in self._slots.items():
+            slot.retired = key not in kept
+        self.config = new
+        self._log.info("config_reloaded", **counts)
+        self._wake.set()
+
+    def _dispatch(self) -> None:
+        if self._stopping:
+            return
+        now = time.monotonic()
+        order = {Scope.CUSTOMER: 0, Scope.PRODUCT: 0, Scope.ORDER: 1}
+        for key in sorted(self._slots, key=lambda k: order[k[1]]):
+            slot = self._slots[key]
+            if not slot.due or slot.task is not None:
+                continue
+            if slot.retired:
+                slot.due = False
+                continue
+            if now < slot.not_before:
+                slot.due = False
+                self._log.info("run_skipped_backoff", tenant=key[0], scope=key[1].value,
+                               failures=slot.failures, retry_in_s=round(slot.not_before - now, 1))
+                continue
+            if self._may_start(key):
+                slot.due = False
+                slot.task = asyncio.create_task(self._run(key, slot))
+
+    def _may_start(self, key: JobKey) -> bool:
+        tenant, scope = key
+        limits = self.config.worker
+        if self._in_flight() >= limits.max_concurrent_runs:
+            return False
+        if self._in_flight(tenant) >= limits.max_runs_per_tenant:
+            return False
+        if scope is Scope.ORDER:
+            # SPEC §4: an order run waits for that tenant's customer and product runs
+            # that are running or due at the same time.
+            for first in (Scope.CUSTOMER, Scope.PRODUCT):
+                other = self._slots.get((tenant, first))
+                if other is not None and (other.task is not None or other.due):
+                    return False
+        return True
+
+    def _in_flight(self, tenant: str | None = None) -> int:
+        return sum(1 for (t, _), slot in self._slots.items()
+                   if slot.task is not None and (tenant is None or t == tenant))
+
+    async def _run(self, key: JobKey, slot: _Slot) -> None:
+        tenant_id, scope = key
+        self.metrics.in_flight.inc()
+        try:
+            tenant = self._tenant(tenant_id)
+            result = await self._sweep(tenant, scope, slot)
+            self._record(key, slot, result.status, result.duration_s)
+        except Exception as exc:  # the worker never dies because of one tenant
+            self._log.exception("run_crashed", tenant=tenant_id, scope=scope.value,
+                                error=str(exc))
+            self._record(key, slot, "failed", 0.0)
+        finally:
+            self.metrics.in_flight.dec()
+            slot.task = None
+            self._wake.set()
+
+    async def _sweep(self, tenant: TenantConfig, scope: Scope, slot: _Slot) -> RunResult:
+        labels = {"tenant": tenant.id, "scope": scope.value}
+        source = client.CallbackSource(
+            self._http, tenant=tenant, scope=scope, callback=tenant.callbacks[scope],
+            policy=self.config.retry, observer=_Observer(self.metrics, labels),
+        )
+        job = pipeline.Job(tenant=tenant, scope=scope, trigger="schedule")
+        return await pipeline.run_sweep(
+            job, source=source, sink=self._store, clock=self._clock, on_page=self._count_page,
+            should_stop=lambda: self._stopping or slot.retired,
+        )
+
+    def _tenant(self, tenant_id: str) -> TenantConfig:
+        return self.config.tenant(tenant_id)
+
+    def _count_page(self, job: pipeline.Job, outcome: PageOutcome) -> None:
+        labels = (job.tenant.id, job.scope.value)
+        self.metrics.pages.labels(*labels).inc()
+        self.metrics.records.labels(*labels, "accepted").inc(outcome.applied)
+        self.metrics.records.labels(*labels, "stale").inc(outcome.stale)
+        self.metrics.records.labels(*labels, "rejected").inc(outcome.rejected)
+
+    def _record(self, key: JobKey, slot: _Slot, status: str, duration_s: float) -> None:
+        labels = (key[0], key[1].value)
+        self.metrics.runs.labels(*labels, status).inc()
+        self.metrics.run_duration.labels(*labels, status).observe(duration_s)
+        if status == "succeeded":
+            slot.failures, slot.not_before = 0, 0.0
+            self.metrics.last_success.labels(*labels).set(time.time())
+        elif status == "failed":
+            slot.failures += 1
+            limits = self.config.worker
+            backoff_s = min(limits.failure_backoff_s * 2 ** (slot.failures - 1),
+                            limits.max_failure_backoff_s)
+            slot.not_before = time.monotonic() + backoff_s
+            self._log.warning("tenant_backing_off", tenant=key[0], scope=key[1].value,
+                              failures=slot.failures, backoff_s=round(backoff_s, 1))
+        self.metrics.consecutive_failures.labels(*labels).set(slot.failures)
+
+    async def _drain(self) -> None:
+        tasks = [slot.task for slot in self._slots.values() if slot.task is not None]
+        if tasks:
+            grace_s = self.config.worker.shutdown_grace_s
+            _, late = await asyncio.wait(tasks, timeout=grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                self._log.warning("runs_cancelled_after_grace", runs=len(late), grace_s=grace_s)
+                await asyncio.gather(*late, return_exceptions=True)
+        for task in list(self._background):
+            task.cancel()
+        self._log.info("worker_stopped")
+
+    async def _beat(self) -> None:
+        while True:
+            self.heartbeat.beat()
+            await asyncio.sleep(HEARTBEAT_S)
+
+    def _start_maintenance(self) -> None:
+        task = asyncio.create_task(self.maintain(self._clock.now()))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def maintain(self, now: datetime) -> dict[str, int]:
+        """Purge what retention allows (the daily job, and `puller purge`)."""
+        retention = self.config.retention
+        try:
+            removed = await asyncio.to_thread(
+                self._store.purge, now=now, soft_deleted_s=retention.soft_deleted_s,
+                rejected_s=retention.rejected_s, runs_s=retention.runs_s)
+        except errors.StoreError as exc:
+            self._log.error("purge_failed", error=str(exc))
+            return {}
+        self._log.info("purge_finished", **removed)
+        return removed
+
+
+class _Observer:
+    def __init__(self, metrics: Metrics, labels: dict[str, str]) -> None:
+        self._metrics = metrics
+        self._labels = labels
+
+    def request_failed(self, status: str) -> None:
+        self._metrics.http_errors.labels(**self._labels, status=status).inc()
+
+    def request_retried(self) -> None:
+        self._metrics.retries.labels(**self._labels).inc()
+
+
+class OpsServer:
+    """/metrics and /healthz on a thread of their own, so a stuck event loop is visible."""
+
+    def __init__(self, worker: Worker, *, host: str, port: int) -> None:
+        self._httpd = ThreadingHTTPServer((host, port), _ops_handler(worker))
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def start(self) -> OpsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def _ops_handler(worker: Worker) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        disable_nagle_algorithm = True
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                self._send(200, worker.metrics.render(), "text/plain; version=0.0.4")
+            elif self.path == "/healthz":
+                age_s = worker.heartbeat.age_s()
+                stuck_after_s = worker.config.worker.stuck_after_s
+                if age_s > stuck_after_s:
+                    body = f"unhealthy: event loop has not ticked for {age_s:.0f}s\n"
+                    self._send(503, body.encode(), "text/plain")
+                else:
+                    self._send(200, b"ok\n", "text/plain")
+            else:
+                self._send(404, b"try /metrics or /healthz\n", "text/plain")
+
+        def _send(self, status: int, body: bytes, kind: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler

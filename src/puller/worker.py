@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import threading
 import time
@@ -30,6 +31,7 @@ class _Slot:
     """What the dispatcher knows of one (tenant, scope)."""
 
     due: bool = False
+    due_since: int = 0
     task: asyncio.Task[None] | None = None
     failures: int = 0
     not_before: float = 0.0
@@ -63,6 +65,7 @@ class Worker:
         self.heartbeat = Heartbeat()
         self._clock = pipeline.SystemClock()
         self._slots: dict[JobKey, _Slot] = {}
+        self._due_order = itertools.count()
         self._wake = asyncio.Event()
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -104,7 +107,9 @@ class Worker:
     def mark_due(self, tenant: str, scope: Scope) -> None:
         """Called by the scheduler: this (tenant, scope) should run; repeats coalesce."""
         slot = self._slots.setdefault((tenant, scope), _Slot())
-        slot.due = True
+        if not slot.due:
+            # Its place in line: the oldest due runs first, so no tenant starves under the cap.
+            slot.due, slot.due_since = True, next(self._due_order)
         self._wake.set()
 
     def reload(self) -> None:
@@ -131,11 +136,9 @@ class Worker:
         if self._stopping:
             return
         now = time.monotonic()
-        order = {Scope.CUSTOMER: 0, Scope.PRODUCT: 0, Scope.ORDER: 1}
-        for key in sorted(self._slots, key=lambda k: order[k[1]]):
+        waiting = [k for k, s in self._slots.items() if s.due and s.task is None]
+        for key in sorted(waiting, key=lambda k: self._slots[k].due_since):
             slot = self._slots[key]
-            if not slot.due or slot.task is not None:
-                continue
             if slot.retired:
                 slot.due = False
                 continue

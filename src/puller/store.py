@@ -273,7 +273,7 @@ class Store:
                     tenant=tenant, scope=scope.value,
                     checkpoint=Checkpoint(cp.next_number, cp.next_page, cp.next_cursor)
                     if cp else None,
-                    last_run=dict(last._mapping) if last else None,
+                    last_run=_plain(last._mapping) if last else None,
                 ))
         return out
 
@@ -317,7 +317,7 @@ class Store:
         query = select(runs).order_by(runs.c.id.desc()).limit(limit)
         query = _filtered(query, runs, tenant_id=tenant, scope=scope, status=status)
         with self._begin() as conn:
-            return [dict(r._mapping) for r in conn.execute(query)]
+            return [_plain(r._mapping) for r in conn.execute(query)]
 
     def list_rejects(self, *, tenant: str | None = None, scope: str | None = None,
                      run_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
@@ -326,7 +326,7 @@ class Store:
         query = select(rejected).order_by(rejected.c.id.desc()).limit(limit)
         query = _filtered(query, rejected, tenant_id=tenant, scope=scope, run_id=run_id)
         with self._begin() as conn:
-            return [dict(r._mapping) for r in conn.execute(query)]
+            return [_plain(r._mapping) for r in conn.execute(query)]
 
     def count_records(self, tenant: str, scope: Scope) -> int:
         table = schema.RECORD_TABLES[scope.value]
@@ -334,6 +334,11 @@ class Store:
             return int(conn.execute(
                 select(func.count()).select_from(table).where(table.c.tenant_id == tenant)
             ).scalar_one())
+
+
+def _plain(mapping: Any) -> dict[str, Any]:
+    """A row as a dict with plain `str` keys (SQLAlchemy's quoted names are a str subclass)."""
+    return {str(key): value for key, value in mapping.items()}
 
 
 def _filtered(query: Select[Any], table: Table, **equal: object) -> Select[Any]:

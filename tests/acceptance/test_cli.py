@@ -60,12 +60,17 @@ def stored(store_url: str, scope: str, tenant: str) -> dict[str, dict[str, Any]]
 
 
 def runs(store_url: str, tenant: str) -> list[dict[str, Any]]:
+    """The runs of a tenant, oldest first; none while the process has not created tables."""
     engine = sa.create_engine(store_url)
     try:
         with engine.connect() as conn:
             result = conn.execute(sa.select(schema.runs).where(schema.runs.c.tenant_id == tenant)
                                   .order_by(schema.runs.c.id))
             return [dict(r._mapping) for r in result]
+    except sa.exc.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
     finally:
         engine.dispose()
 

@@ -279,3 +279,36 @@ def test_sigterm_records_the_run_as_interrupted(tenant_server: TenantServer, ten
     assert (run["status"], run["pages"]) == ("interrupted", 2)
     assert puller("pull", "--config", str(config)).returncode == 0
     assert_store_equals_source(store_url, tenant_id, data, "customer")
+
+
+def test_pull_shows_a_progress_bar_on_a_terminal(tenant_server: TenantServer, tenant_id: str,
+                                                 tmp_path: Path) -> None:
+    """On a terminal (a pty here) `pull` draws live progress per run; off a terminal it doesn't."""
+    import pty
+
+    data = add_dataset(tenant_server, tenant_id, customers=60)
+    data.page_delay_s = 0.05
+    config = write_config(tmp_path, tenant_server, tenant_id,
+                          store_url=f"sqlite:///{tmp_path}/p.db",
+                          scopes={"customer": {"page_size": 5}})
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "puller", "pull", "--config", str(config)],
+                            stdout=follower, stderr=subprocess.DEVNULL,
+                            env=_env({"TERM": "xterm", "COLUMNS": "120"}))
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    proc.wait(timeout=30)
+    os.close(leader)
+    text = screen.decode("utf-8", "replace")
+    assert proc.returncode == 0
+    assert f"{tenant_id}/customer" in text and "pages" in text and "records" in text
+    piped = puller("pull", "--config", str(config))
+    assert "pages ·" not in piped.stdout

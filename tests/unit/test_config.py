@@ -130,3 +130,33 @@ def test_unknown_tenant_lists_the_configured_ones() -> None:
     """Asking for an unknown tenant lists the configured ids."""
     with pytest.raises(errors.ConfigError, match="configured: acme"):
         load_config(GOOD, ENV).tenant("globex")
+
+
+def test_worker_and_retention_sections_have_defaults_and_parse_durations() -> None:
+    """worker: and retention: are optional; durations take s/m/h/d; zero jitter is allowed."""
+    config = load_config(GOOD, ENV)
+    assert (config.worker.max_concurrent_runs, config.worker.max_runs_per_tenant) == (8, 2)
+    assert config.worker.metrics_port == 0 and config.worker.shutdown_grace_s == 30
+    assert config.retention.soft_deleted_s == 90 * 86400
+    tuned = load_config(GOOD + "worker: {shutdown_grace: 2m, startup_jitter: 0, "
+                        "metrics_port: 9464}\nretention: {soft_deleted: 30d, rejected: 12h}\n",
+                        ENV)
+    assert tuned.worker.shutdown_grace_s == 120 and tuned.worker.startup_jitter_s == 0
+    assert tuned.worker.metrics_port == 9464
+    assert (tuned.retention.soft_deleted_s, tuned.retention.rejected_s) == (2592000, 43200)
+
+
+@pytest.mark.parametrize(
+    ("extra", "path"),
+    [("worker: {max_concurrent_runs: 0}", "worker.max_concurrent_runs"),
+     ("worker: {metrics_port: 70000}", "worker.metrics_port"),
+     ("worker: {shutdown_grace: forever}", "worker.shutdown_grace"),
+     ("worker: {maintenance_cron: daily}", "worker.maintenance_cron"),
+     ("retention: {rejected: -1d}", "retention.rejected")],
+    ids=["zero-cap", "port-range", "bad-grace", "bad-cron", "negative-retention"],
+)
+def test_worker_and_retention_errors_name_the_key(extra: str, path: str) -> None:
+    """Bad worker/retention values name their key."""
+    with pytest.raises(errors.ConfigError) as info:
+        load_config(GOOD + extra + "\n", ENV)
+    assert info.value.path == path

@@ -231,6 +231,7 @@ async def test_metrics_and_health_endpoints(
 ) -> None:
     """/metrics exposes puller_* series; /healthz is 503 while the event loop is stuck."""
     add_dataset(tenant_server, tenant_id, customers=12)
+    tenant_server.fail_next(tenant_id, "customers", Fault(status=503))
     config = worker_config(tenant_server, store_url, {tenant_id: {"customer": {"page_size": 5}}},
                            stuck_after="1s")
     async with running(config, store) as worker:
@@ -246,6 +247,10 @@ async def test_metrics_and_health_endpoints(
                 assert name in text, name
             series = f'outcome="accepted",scope="customer",tenant="{tenant_id}"'
             assert f"puller_records_total{{{series}}} 12.0" in text
+            labels = f'scope="customer",tenant="{tenant_id}"'
+            assert f"puller_retries_total{{{labels}}} 1.0" in text
+            errors_503 = f'scope="customer",status="503",tenant="{tenant_id}"'
+            assert f"puller_http_errors_total{{{errors_503}}} 1.0" in text
             assert (await asyncio.to_thread(_get, f"{base}/healthz"))[0] == 200
             seen: list[int] = []
             poller = threading.Thread(target=lambda: [seen.append(_get(f"{base}/healthz")[0])

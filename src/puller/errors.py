@@ -11,6 +11,8 @@ The tree (marker mixins in brackets are what retry and the CLI check; no code ma
     │   ├── BrokenPageError(reason)                       [Terminal]  JSON/shape/size/loop/ceiling
     │   └── TenantReportedError(message)                  [Terminal]  status other than "success"
     ├── StoreError(problem)                               [Terminal]
+    │   ├── SchemaError(current, needed)                  [Terminal]  run `puller db upgrade`
+    │   └── StoreBusyError(problem)                       [Terminal]  another worker owns it
     └── AckError(reason)                                  reported, never rolls back stored data
 
 A rejected record is data, not an exception: see ``domain.Rejection``.
@@ -138,6 +140,27 @@ class StoreError(PullerError, Terminal):
     def __init__(self, problem: str) -> None:
         self.problem = problem
         super().__init__(f"store: {problem}")
+
+
+class SchemaError(StoreError):
+    """The database schema is not the one this puller needs."""
+
+    def __init__(self, *, current: str | None, needed: str) -> None:
+        self.current = current
+        self.needed = needed
+        if current is None:
+            problem = (f"the database has puller tables but no schema revision; this puller "
+                       f"needs revision {needed} — it was not created by puller's migrations; "
+                       "use a fresh database")
+        else:
+            problem = (f"the database schema is at revision {current}, this puller needs "
+                       f"{needed} — back up the database, then run `puller db upgrade "
+                       "--config PATH` (a newer schema needs a newer puller)")
+        super().__init__(problem)
+
+
+class StoreBusyError(StoreError):
+    """Another puller worker already owns this store."""
 
 
 class AckError(PullerError):

@@ -54,7 +54,7 @@ JsonDoc = JSON().with_variant(JSONB(), "postgresql")
 def _record_columns() -> list[Column[Any]]:
     return [
         Column("last_modified_date", UtcDateTime(), nullable=False),
-        Column("deleted_at", UtcDateTime()),
+        Column("deleted_at", UtcDateTime(), index=True),
         Column("run_id", BigInteger, nullable=False, doc="the run that stored this version"),
         Column("stored_at", UtcDateTime(), nullable=False),
     ]
@@ -109,6 +109,7 @@ rejected_records = Table(
     Column("reasons", JsonDoc, nullable=False),
     Column("rejected_at", UtcDateTime(), nullable=False),
     Index("ix_rejected_tenant_scope_run", "tenant_id", "scope", "run_id"),
+    Index("ix_rejected_rejected_at", "rejected_at"),
 )
 
 checkpoints = Table(
@@ -141,6 +142,7 @@ runs = Table(
     Column("normalised", Integer, nullable=False, default=0),
     Column("acks_failed", Integer, nullable=False, default=0),
     Column("error", Text),
+    Column("worker", String(100), doc="host:pid of the process that ran it"),
     Index("ix_runs_tenant_scope_started", "tenant_id", "scope", "started_at"),
 )
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from puller import errors, merge, schema
+from puller import errors, merge, migration, schema
 from puller.domain import (
     Accepted,
     Checkpoint,
@@ -38,6 +42,11 @@ from puller.domain import (
 )
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+PG_POOL_SIZE = 10
+PG_MAX_OVERFLOW = 40
+LEASE_CLASS = 0x70756C6C  # "pull": the first key of puller's PostgreSQL advisory locks
+SCHEMA_LOCK = 1  # second key of the advisory lock that serialises schema upgrades
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"[:100]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +64,9 @@ def _json(value: object) -> str:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite would otherwise commit DDL implicitly; with its own transaction handling off
+    # and BEGIN emitted by SQLAlchemy (_sqlite_begin), migrations are transactional too.
+    dbapi_connection.isolation_level = None
     # WAL lets status readers run beside the writer; synchronous=FULL fsyncs the WAL at
     # every commit, so a page that was acknowledged survives power loss (NORMAL would not).
     cursor = dbapi_connection.cursor()
@@ -75,11 +87,14 @@ def create_store_engine(url: str) -> Engine:
             parsed, json_serializer=_json, connect_args={"check_same_thread": False}
         )
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     if parsed.get_backend_name() == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
-        return create_engine(parsed, json_serializer=_json, pool_pre_ping=True)
+        # A run holds one connection for its lease and borrows one per page transaction.
+        return create_engine(parsed, json_serializer=_json, pool_pre_ping=True,
+                             pool_size=PG_POOL_SIZE, max_overflow=PG_MAX_OVERFLOW)
     raise errors.StoreError(
         f"unsupported store URL scheme {parsed.drivername!r}; use sqlite:///PATH or "
         "postgresql+psycopg://USER@HOST/DB"
@@ -94,12 +109,143 @@ class Store:
         self._dialect = engine.dialect.name
 
     @classmethod
-    def open(cls, url: str) -> Store:
-        """Connect and create missing tables."""
+    def open(cls, url: str, *, check_schema: bool = True) -> Store:
+        """Connect; a fresh empty database is brought to the current schema.
+
+        Raises:
+            errors.SchemaError: the schema is behind (or ahead of) this puller.
+        """
         store = cls(create_store_engine(url))
-        with store._begin() as conn:
-            schema.metadata.create_all(conn)
+        if check_schema:
+            try:
+                store.ensure_schema()
+            except errors.StoreError:
+                store.close()
+                raise
         return store
+
+    def ensure_schema(self) -> None:
+        """Upgrade an empty database to head; refuse one whose revision is not head."""
+        needed = migration.head()
+        try:
+            with self._begin() as conn:
+                self._lock_schema(conn)
+                if migration.is_empty(conn):
+                    migration.upgrade(conn)
+                    return
+                current = migration.current(conn)
+        except errors.SchemaError:
+            raise
+        except errors.StoreError:
+            # Another process created the schema at the same moment (SQLite); look again.
+            with self._begin() as conn:
+                current = migration.current(conn)
+        if current != needed:
+            raise errors.SchemaError(current=current, needed=needed)
+
+    def schema_revision(self) -> tuple[str | None, str]:
+        """(the database's revision, the revision this puller needs)."""
+        with self._begin() as conn:
+            return migration.current(conn), migration.head()
+
+    def upgrade_schema(self) -> str:
+        """`puller db upgrade`: bring the schema to head; returns the revision."""
+        with self._begin() as conn:
+            self._lock_schema(conn)
+            migration.upgrade(conn)
+            return migration.head()
+
+    def _lock_schema(self, conn: Connection) -> None:
+        if self._dialect == "postgresql":
+            # Several workers starting on one empty database: one creates, the others wait.
+            conn.execute(select(func.pg_advisory_xact_lock(LEASE_CLASS, SCHEMA_LOCK)))
+
+    @contextmanager
+    def lease(self, tenant: str, scope: Scope) -> Iterator[bool]:
+        """Hold the (tenant, scope) lease for a run, if free; yields whether it is held.
+
+        PostgreSQL: a session advisory lock on a connection of its own. SQLite: an flock
+        on a file beside the database. Both die with the process, so a crashed worker
+        never blocks a (tenant, scope).
+        """
+        if self._dialect == "postgresql":
+            with self._pg_lease(_lease_key(tenant, scope)) as held:
+                yield held
+            return
+        with self._file_lock(f"{tenant}.{scope.value}.lock") as held:
+            yield held
+
+    @contextmanager
+    def _pg_lease(self, key: int) -> Iterator[bool]:
+        try:
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        except SQLAlchemyError as exc:
+            raise errors.StoreError(f"cannot connect for a lease: {_first_line(exc)}") from exc
+        try:
+            held = bool(conn.execute(select(func.pg_try_advisory_lock(LEASE_CLASS, key)))
+                        .scalar_one())
+            yield held
+            if held:
+                conn.execute(select(func.pg_advisory_unlock(LEASE_CLASS, key)))
+        finally:
+            conn.close()
+
+    @contextmanager
+    def _file_lock(self, name: str) -> Iterator[bool]:
+        folder = self._lock_folder()
+        if folder is None:
+            yield True
+            return
+        with open(folder / name, "a+", encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _lock_folder(self) -> Path | None:
+        database = self.engine.url.database
+        if self._dialect != "sqlite" or not database or database == ":memory:":
+            return None
+        folder = Path(f"{database}-locks")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def claim_single_worker(self) -> None:
+        """SQLite serves one worker: refuse a second worker process on the same file."""
+        folder = self._lock_folder()
+        if folder is None:
+            return
+        handle = open(folder / "worker.lock", "a+", encoding="utf-8")  # noqa: SIM115
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise errors.StoreBusyError(
+                f"another puller worker ({owner}) is already running on this SQLite store; "
+                "SQLite serves one worker — stop that one, or move the store to PostgreSQL "
+                "to run several") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(WORKER_ID)
+        handle.flush()
+        self._worker_lock = handle  # held (and the lock with it) until the process ends
+
+    def last_completed_start(self, tenant: str, scope: Scope) -> datetime | None:
+        """When the latest run that completed (succeeded or failed) of a (tenant, scope) began."""
+        runs = schema.runs
+        with self._begin() as conn:
+            return conn.execute(
+                select(func.max(runs.c.started_at)).where(
+                    runs.c.tenant_id == tenant, runs.c.scope == scope.value,
+                    runs.c.status.in_(("succeeded", "failed")))
+            ).scalar_one_or_none()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -130,7 +276,7 @@ class Store:
                 schema.runs.insert().returning(schema.runs.c.id).values(
                     tenant_id=tenant, scope=scope.value, trigger=trigger, status="running",
                     started_at=now, pages=0, accepted=0, rejected=0, stale=0, normalised=0,
-                    acks_failed=0,
+                    acks_failed=0, worker=WORKER_ID,
                 )
             ).scalar_one()
             return int(run_id)
@@ -334,6 +480,17 @@ class Store:
             return int(conn.execute(
                 select(func.count()).select_from(table).where(table.c.tenant_id == tenant)
             ).scalar_one())
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN")
+
+
+def _lease_key(tenant: str, scope: Scope) -> int:
+    # pg advisory locks take two int4 keys; crc32 folded to a signed int. A collision only
+    # makes two (tenant, scope) pairs take turns, never run at once.
+    value = zlib.crc32(f"{tenant}\x00{scope.value}".encode())
+    return value - 2**32 if value >= 2**31 else value
 
 
 def _plain(mapping: Any) -> dict[str, Any]:

@@ -101,6 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     forget.add_argument("--customer", required=True, help="the customer_id")
     forget.set_defaults(handler=_cmd_forget)
 
+    db = sub.add_parser("db", help="the store's schema (Alembic migrations)")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    for name, handler, text in (
+        ("upgrade", _cmd_db_upgrade, "upgrade the schema to this puller's revision"),
+        ("current", _cmd_db_current, "show the schema revision (exit 1 when not current)"),
+    ):
+        command = db_sub.add_parser(name, help=text)
+        command.add_argument("--config", required=True, type=Path)
+        command.set_defaults(handler=handler)
+
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate a config file without running")
@@ -270,6 +280,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = read_config(args.config)
     store = Store.open(config.store)
     try:
+        store.claim_single_worker()
         asyncio.run(_serve(config, args.config, store))
     finally:
         store.close()
@@ -356,6 +367,33 @@ def _cmd_forget(args: argparse.Namespace) -> int:
           "record(s). The tenant must stop exporting this customer, or the next sweep "
           "stores it again.")
     return EXIT_OK
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    config = read_config(args.config)
+    store = Store.open(config.store, check_schema=False)
+    try:
+        before, _ = store.schema_revision()
+        revision = store.upgrade_schema()
+    finally:
+        store.close()
+    print(f"schema upgraded from {before or 'empty'} to {revision} (current)")
+    return EXIT_OK
+
+
+def _cmd_db_current(args: argparse.Namespace) -> int:
+    config = read_config(args.config)
+    store = Store.open(config.store, check_schema=False)
+    try:
+        current, needed = store.schema_revision()
+    finally:
+        store.close()
+    if current == needed:
+        print(f"schema revision {current} (current)")
+        return EXIT_OK
+    print(f"schema revision {current or 'none'}; this puller needs {needed} — run "
+          "`puller db upgrade --config PATH`")
+    return EXIT_FAILED
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:

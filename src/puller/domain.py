@@ -191,7 +191,8 @@ class RunStats:
         self.acks_failed += other.acks_failed
 
 
-RunStatus = Literal["running", "succeeded", "failed", "interrupted", "abandoned"]
+RunStatus = Literal["running", "succeeded", "failed", "interrupted", "abandoned", "skipped"]
+"""`skipped` is never stored: the run did not start (another process holds the lease)."""
 
 
 @dataclass(frozen=True, slots=True)

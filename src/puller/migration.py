@@ -37,9 +37,9 @@ def is_empty(conn: Connection) -> bool:
     return not inspect(conn).has_table("runs") and current(conn) is None
 
 
-def upgrade(conn: Connection) -> None:
-    """Upgrade to the head revision inside the caller's transaction."""
-    command.upgrade(_config(conn), "head")
+def upgrade(conn: Connection, revision: str = "head") -> None:
+    """Upgrade to `revision` (default: head) inside the caller's transaction."""
+    command.upgrade(_config(conn), revision)
 
 
 def new_revision(conn: Connection, message: str) -> None:

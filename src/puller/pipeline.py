@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -38,6 +39,10 @@ class PageSource(Protocol):
 
 class PageSink(Protocol):
     """Where pages go (the store); blocking calls, run in a thread by the pipeline."""
+
+    def lease(self, tenant: str, scope: Scope) -> AbstractContextManager[bool]: ...
+
+    def last_completed_start(self, tenant: str, scope: Scope) -> datetime | None: ...
 
     def start_run(self, tenant: str, scope: Scope, *, trigger: str, now: datetime) -> int: ...
 
@@ -90,12 +95,41 @@ class _StopRequested(Exception):
 async def run_sweep(
     job: Job, *, source: PageSource, sink: PageSink, clock: SystemClock,
     on_page: PageHook | None = None, should_stop: StopCheck | None = None,
+    done_since: datetime | None = None,
 ) -> RunResult:
-    """Pull one (tenant, scope) from its checkpoint to the end of the sweep, page by page.
+    """Pull one (tenant, scope) under its lease, from its checkpoint to the end of the sweep.
 
+    Skipped (no run row) when another process holds the lease, or when a run that began
+    after `done_since` already completed (another worker took this period's turn).
     `should_stop` is asked after every committed page: a graceful shutdown lets the page in
     flight finish its transaction, then ends the run as `interrupted`.
     """
+    lease = sink.lease(job.tenant.id, job.scope)
+    held = await asyncio.to_thread(lease.__enter__)
+    try:
+        if not held:
+            return _skipped(job, "another process is pulling this tenant and scope right now")
+        if done_since is not None:
+            last = await asyncio.to_thread(sink.last_completed_start, job.tenant.id, job.scope)
+            if last is not None and last >= done_since:
+                return _skipped(job, f"another worker already pulled it at {last:%H:%M:%S}")
+        return await _leased_sweep(job, source=source, sink=sink, clock=clock,
+                                   on_page=on_page, should_stop=should_stop)
+    finally:
+        await asyncio.shield(asyncio.to_thread(lease.__exit__, None, None, None))
+
+
+def _skipped(job: Job, reason: str) -> RunResult:
+    logs.get_logger().info("run_skipped", tenant=job.tenant.id, scope=job.scope.value,
+                           reason=reason)
+    return RunResult(run_id=0, tenant=job.tenant.id, scope=job.scope, status="skipped",
+                     error=f"skipped: {reason}")
+
+
+async def _leased_sweep(
+    job: Job, *, source: PageSource, sink: PageSink, clock: SystemClock,
+    on_page: PageHook | None, should_stop: StopCheck | None,
+) -> RunResult:
     log = logs.get_logger()
     started = clock.monotonic()
     tenant, scope = job.tenant.id, job.scope

@@ -35,6 +35,19 @@ def trigger_for(
     return CronTrigger.from_crontab(schedule.cron, timezone=UTC)
 
 
+def period_s(schedule: ScheduleConfig, *, now: datetime) -> float:
+    """How long one period of a schedule lasts around `now` (for cron, the next gap)."""
+    if schedule.every_s is not None:
+        return schedule.every_s
+    assert schedule.cron is not None
+    trigger = CronTrigger.from_crontab(schedule.cron, timezone=UTC)
+    first = trigger.get_next_fire_time(None, now)
+    second = trigger.get_next_fire_time(first, first) if first else None
+    if first is None or second is None:
+        return 0.0
+    return float((second - first).total_seconds())
+
+
 class Schedule:
     """Keeps the scheduler's jobs equal to the config's schedules, across reloads."""
 

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -19,7 +19,7 @@ from puller import client, errors, logs, pipeline
 from puller.config import PullerConfig, TenantConfig
 from puller.domain import PageOutcome, RunResult, Scope
 from puller.metrics import Metrics
-from puller.scheduler import JobKey, Schedule
+from puller.scheduler import JobKey, Schedule, period_s
 from puller.store import Store
 
 HEARTBEAT_S = 1.0
@@ -197,7 +197,17 @@ class Worker:
         return await pipeline.run_sweep(
             job, source=source, sink=self._store, clock=self._clock, on_page=self._count_page,
             should_stop=lambda: self._stopping or slot.retired,
+            done_since=self._turn_start(tenant, scope),
         )
+
+    def _turn_start(self, tenant: TenantConfig, scope: Scope) -> datetime | None:
+        # With several workers every one fires each job; the first takes the lease and
+        # runs, the others skip when a run completed within the last half period.
+        schedule = tenant.callbacks[scope].schedule
+        if schedule is None:
+            return None
+        now = self._clock.now()
+        return now - timedelta(seconds=period_s(schedule, now=now) / 2)
 
     def _tenant(self, tenant_id: str) -> TenantConfig:
         return self.config.tenant(tenant_id)
@@ -212,6 +222,8 @@ class Worker:
     def _record(self, key: JobKey, slot: _Slot, status: str, duration_s: float) -> None:
         labels = (key[0], key[1].value)
         self.metrics.runs.labels(*labels, status).inc()
+        if status == "skipped":
+            return
         self.metrics.run_duration.labels(*labels, status).observe(duration_s)
         if status == "succeeded":
             slot.failures, slot.not_before = 0, 0.0

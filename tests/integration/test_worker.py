@@ -22,7 +22,7 @@ from puller.records import validate_page
 from puller.store import Store
 from puller.tenant_server import Fault, TenantServer, make_customer, make_product
 from puller.worker import OpsServer, Worker
-from tests.conftest import add_dataset, captured_logs
+from tests.conftest import BACKENDS, add_dataset, captured_logs
 
 FAST = {"startup_jitter": 0, "failure_backoff": "0.4s", "shutdown_grace": "5s"}
 
@@ -287,6 +287,7 @@ async def test_shutdown_lets_the_page_in_flight_commit_then_records_interrupted(
     assert store.count_records(tenant_id, Scope.CUSTOMER) == 5 * run["pages"]
 
 
+@BACKENDS
 async def test_maintenance_purges_expired_soft_deletes_rejects_and_runs(
     tenant_server: TenantServer, store: Store, store_url: str
 ) -> None:
@@ -310,6 +311,7 @@ async def test_maintenance_purges_expired_soft_deletes_rejects_and_runs(
     assert left == ["p2", "p3"]
 
 
+@BACKENDS
 def test_forget_erases_the_customer_and_rejects_carrying_it(store: Store) -> None:
     """forget removes the customer row and rejected records (any scope) with that id only."""
     now = datetime(2026, 11, 25, tzinfo=UTC)

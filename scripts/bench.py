@@ -1,0 +1,367 @@
+"""Benchmark: puller end to end against a plain httpx loop, side by side in one run.
+
+Usage: scripts/bench [--records N] [--repeat R] [--page-sizes 50,500] [--no-postgres]
+                     [--profile] [--tenants T]
+
+Every measurement is a whole process (interpreter start included), timed from spawn to
+exit, peak RSS from wait4; each is repeated and the median reported. A fast tenant server
+with pre-rendered pages runs in a process of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = os.environ.get("PULLER_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+# ---------------------------------------------------------------- the fast tenant server
+def _render_pages(records: list[dict[str, Any]], size: int) -> tuple[list[bytes], list[bytes]]:
+    """Pre-rendered bodies for page mode (index = page-1) and cursor mode (index = offset/size)."""
+    pages, cursor_pages = [], []
+    total = len(records)
+    for start in range(0, max(total, 1), size):
+        chunk = records[start:start + size]
+        more = start + size < total
+        pages.append(json.dumps({"status": "success", "message": "", "meta": {
+            "has_next_page": more, "page": start // size + 1, "page_size": size},
+            "data": chunk}).encode())
+        cursor_pages.append(json.dumps({"status": "success", "message": "", "meta": {
+            "has_next_page": more, "cursor": f"o{start + size}" if more else None,
+            "page_size": size}, "data": chunk}).encode())
+    return pages, cursor_pages
+
+
+def serve(records: int, tenants: int, sizes: list[int]) -> None:
+    """Serve pre-rendered customer pages at /{tenant}/customers for every tenant."""
+    from puller.tenant_server import make_customer
+
+    people = [make_customer(i) for i in range(records)]
+    rendered = {size: _render_pages(people, size) for size in sizes}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                if length:
+                    await reader.readexactly(length)
+                target = head.split(b" ", 2)[1].decode()
+                body = _lookup(rendered, target)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        print(f"http://127.0.0.1:{port}", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def _lookup(rendered: dict[int, tuple[list[bytes], list[bytes]]], target: str) -> bytes:
+    from urllib.parse import parse_qs, urlsplit
+
+    query = {k: v[-1] for k, v in parse_qs(urlsplit(target).query).items()}
+    size = int(query.get("page_size", "50"))
+    pages, cursor_pages = rendered[size]
+    if "page" in query:
+        return pages[int(query["page"]) - 1]
+    offset = int(query["cursor"][1:]) if "cursor" in query else 0
+    return cursor_pages[offset // size]
+
+
+# ---------------------------------------------------------------- the baselines
+def plain(url: str, size: int, tenants: int) -> None:
+    """The client's limit: a plain httpx loop, fetch + parse JSON, nothing else."""
+    import httpx
+    import orjson
+
+    count = 0
+    with httpx.Client() as http:
+        for t in range(tenants):
+            page = 1
+            while True:
+                response = http.post(f"{url}/b{t}/customers",
+                                     params={"page": page, "page_size": size},
+                                     content=b'{"shop": "bench.example.com"}')
+                doc = orjson.loads(response.content)
+                count += len(doc["data"])
+                if not doc["meta"]["has_next_page"]:
+                    break
+                page += 1
+    print(count)
+
+
+def naive(url: str, size: int, store: str) -> None:
+    """Fetch, then upsert and commit each page, sequentially, with no validation at all."""
+    import httpx
+    import orjson
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(store)
+    meta = sa.MetaData()
+    table = sa.Table("naive_customers", meta, sa.Column("customer_id", sa.String, primary_key=True),
+                     sa.Column("doc", sa.Text), sa.Column("lmd", sa.String))
+    meta.create_all(engine)
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(table)
+    stmt = stmt.on_conflict_do_update(index_elements=[table.c.customer_id],
+                                      set_={"doc": stmt.excluded.doc, "lmd": stmt.excluded.lmd},
+                                      where=table.c.lmd < stmt.excluded.lmd)
+    count, page = 0, 1
+    with httpx.Client() as http:
+        while True:
+            response = http.post(f"{url}/b0/customers", params={"page": page, "page_size": size},
+                                 content=b'{"shop": "bench.example.com"}')
+            doc = orjson.loads(response.content)
+            rows = [{"customer_id": r["customer_id"], "doc": orjson.dumps(r).decode(),
+                     "lmd": r["last_modified_date"]} for r in doc["data"]]
+            with engine.begin() as conn:
+                conn.execute(stmt, rows)
+            count += len(rows)
+            if not doc["meta"]["has_next_page"]:
+                break
+            page += 1
+    print(count)
+
+
+# ---------------------------------------------------------------- measuring
+def _reap(argv: list[str], env: dict[str, str]) -> tuple[float, float, bytes, bytes, int]:
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out = proc.stdout.read() if proc.stdout else b""
+    err = proc.stderr.read() if proc.stderr else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return elapsed, usage.ru_maxrss / 1024, out, err, proc.returncode
+
+
+def run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    elapsed, rss_mib, out, err, code = _reap(argv, {**os.environ, **(env or {})})
+    if code != 0:
+        raise SystemExit(f"{' '.join(argv[:5])} failed ({code}):\n{err.decode()[-3000:]}")
+    return elapsed, rss_mib, out.decode()
+
+
+def fresh_pg() -> str | None:
+    try:
+        import sqlalchemy as sa
+
+        admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        name = f"puller_bench_{uuid.uuid4().hex[:8]}"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        admin.dispose()
+    except Exception as exc:
+        print(f"(PostgreSQL not reachable, skipped: {type(exc).__name__})", file=sys.stderr)
+        return None
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+def drop_pg(url: str) -> None:
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def count_stored(store: str, table: str) -> int:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(store)
+    with engine.connect() as conn:
+        n = int(conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())  # noqa: S608
+    engine.dispose()
+    return n
+
+
+def puller_config(folder: Path, url: str, store: str, size: int, tenants: int,
+                  mode: str, prefetch: int | None) -> Path:
+    path = folder / f"bench-{uuid.uuid4().hex[:6]}.yaml"
+    lines = [f"store: {store}", "allow_private_networks: true", "tenants:"]
+    for t in range(tenants):
+        lines += [f"  - id: b{t}", "    shop: bench.example.com", "    callbacks:",
+                  f"      customer: {{url: '{url}/b{t}/customers', pagination: {mode}, "
+                  f"page_size: {size}, max_pages: 1000000"
+                  + (f", prefetch: {prefetch}" if prefetch is not None else "") + "}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench")
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--page-sizes", default="50,500")
+    parser.add_argument("--modes", default="page", help="page,cursor")
+    parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--tenants", type=int, default=1, help="tenants, records each")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--prefetch", type=int, default=None)
+    parser.add_argument("--role", default="bench", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.page_sizes.split(",")]
+    if args.role == "serve":
+        serve(args.records, args.tenants, sizes)
+        return 0
+    if args.role == "plain":
+        plain(args.url, args.size, args.tenants)
+        return 0
+    if args.role == "naive":
+        naive(args.url, args.size, args.store)
+        return 0
+    return bench(args, sizes)
+
+
+def bench(args: argparse.Namespace, sizes: list[int]) -> int:
+    me = [sys.executable, str(Path(__file__).resolve())]
+    server = subprocess.Popen([*me, "--role", "serve", "--records", str(args.records),
+                               "--tenants", str(args.tenants), "--page-sizes", args.page_sizes],
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    url = server.stdout.readline().strip()
+    stores = ["sqlite"] + ([] if args.no_postgres else ["postgres"])
+    total = args.records * args.tenants
+    results: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            for size in sizes:
+                results += _bench_size(me, url, folder, size, stores, total, args)
+    finally:
+        server.terminate()
+        server.wait()
+    _print(results, args, total)
+    return 0
+
+
+def _bench_size(me: list[str], url: str, folder: Path, size: int, stores: list[str],
+                total: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    samples = [run([*me, "--role", "plain", "--url", url, "--size", str(size),
+                    "--tenants", str(args.tenants)]) for _ in range(args.repeat)]
+    plain_row = _row("plain httpx loop (fetch + parse)", "-", size, total, samples)
+    rows.append(plain_row)
+    for store_kind in stores:
+        if args.tenants == 1:
+            samples = []
+            for _ in range(args.repeat):
+                store = _store(store_kind, folder)
+                if store is None:
+                    break
+                samples.append(run([*me, "--role", "naive", "--url", url, "--size", str(size),
+                                    "--store", store]))
+                _verify(store, "naive_customers", total)
+                _dispose(store)
+            if samples:
+                rows.append(_row("sequential loop + upsert + commit", store_kind, size, total,
+                                 samples))
+        for mode in args.modes.split(","):
+            samples = []
+            for _ in range(args.repeat):
+                store = _store(store_kind, folder)
+                if store is None:
+                    break
+                config = puller_config(folder, url, store, size, args.tenants, mode,
+                                       args.prefetch)
+                samples.append(run([sys.executable, "-m", "puller", "--log-level", "warning",
+                                    "pull", "--config", str(config), "--concurrency",
+                                    str(args.concurrency)]))
+                _verify(store, "customers", total)
+                _dispose(store)
+            if samples:
+                row = _row(f"puller pull ({mode})", store_kind, size, total, samples)
+                row["ratio"] = row["rec_s"] / plain_row["rec_s"]
+                rows.append(row)
+    return rows
+
+
+def _store(kind: str, folder: Path) -> str | None:
+    if kind == "sqlite":
+        return f"sqlite:///{folder}/{uuid.uuid4().hex[:8]}.db"
+    return fresh_pg()
+
+
+def _dispose(store: str) -> None:
+    if store.startswith("postgresql"):
+        drop_pg(store)
+
+
+def _verify(store: str, table: str, expected: int) -> None:
+    got = count_stored(store, table)
+    if got != expected:
+        raise SystemExit(f"stored {got} rows in {table}, expected {expected}")
+
+
+def _row(what: str, store: str, size: int, total: int,
+         samples: list[tuple[float, float, str]]) -> dict[str, Any]:
+    seconds = statistics.median(s[0] for s in samples)
+    pages = -(-total // size)
+    return {"what": what, "store": store, "page_size": size, "seconds": seconds,
+            "rec_s": total / seconds, "pages_s": pages / seconds,
+            "rss_mib": max(s[1] for s in samples), "ratio": None}
+
+
+def _print(rows: list[dict[str, Any]], args: argparse.Namespace, total: int) -> None:
+    print(f"\n{total:,} customers ({args.tenants} tenant(s)), median of {args.repeat}, "
+          f"whole processes; ratio = puller ÷ plain httpx loop at the same page size\n")
+    head = f"{'what':38} {'store':8} {'page':>5} {'rec/s':>9} {'pages/s':>8} {'RSS MiB':>8} {'ratio':>6}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else ""
+        print(f"{r['what']:38} {r['store']:8} {r['page_size']:>5} {r['rec_s']:>9,.0f} "
+              f"{r['pages_s']:>8,.0f} {r['rss_mib']:>8.0f} {ratio:>6}")
+    _targets(rows)
+
+
+def _targets(rows: list[dict[str, Any]]) -> None:
+    print()
+    for r in rows:
+        if r["what"].startswith("puller") and r["store"] == "sqlite":
+            need = 0.6 if r["page_size"] <= 50 else 0.4
+            verdict = "met" if r["ratio"] >= need else "NOT met"
+            print(f"target SQLite page {r['page_size']}: puller ≥ {need}× plain loop — "
+                  f"{r['ratio']:.2f}× {verdict}")
+        if r["what"].startswith("puller") and r["store"] == "postgres":
+            naive_rows = [n for n in rows if n["what"].startswith("sequential")
+                          and n["store"] == "postgres" and n["page_size"] == r["page_size"]]
+            if naive_rows:
+                ratio = r["rec_s"] / naive_rows[0]["rec_s"]
+                verdict = "met" if ratio >= 1.5 else "NOT met"
+                print(f"target PostgreSQL page {r['page_size']}: puller ≥ 1.5× sequential "
+                      f"loop+upsert — {ratio:.2f}× {verdict}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,6 +27,8 @@ DEFAULT_STORE_URL = "sqlite:///var/puller.db"
 DEFAULT_MAX_PAGES = 100_000
 DEFAULT_MAX_PAGE_BYTES = 32 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_PREFETCH = 2
+MAX_PREFETCH = 32
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -110,6 +112,18 @@ class CallbackConfig(_Frozen):
     max_pages: int = Field(default=DEFAULT_MAX_PAGES, ge=1)
     max_page_bytes: int = Field(default=DEFAULT_MAX_PAGE_BYTES, ge=1024)
     timeout_s: DurationS = Field(default=DEFAULT_TIMEOUT_S, alias="timeout")
+    prefetch: int | None = Field(default=None, ge=0, le=MAX_PREFETCH)
+
+    @property
+    def effective_prefetch(self) -> int:
+        """Pages fetched ahead of the one being stored: 2, or 0 with a commit_url.
+
+        A tenant exporting "queue style" may expect each page acknowledged before the next
+        request, so prefetch is off with a commit_url unless set explicitly.
+        """
+        if self.prefetch is not None:
+            return self.prefetch
+        return 0 if self.commit_url else DEFAULT_PREFETCH
 
     @field_validator("url")
     @classmethod

@@ -167,31 +167,78 @@ async def _leased_sweep(
 _INTERRUPTED = "interrupted (shutdown or signal); the next run resumes at the checkpoint"
 
 
+@dataclass(frozen=True, slots=True)
+class _Fetched:
+    """A page fetched, parsed and validated ahead of being applied."""
+
+    request: PageRequest
+    following: PageRequest | None
+    page: ValidatedPage
+    records: int
+
+
+_END = None
+
+
 async def _sweep(
     job: Job, run_id: int, *, source: PageSource, sink: PageSink, clock: SystemClock,
     on_page: PageHook | None, should_stop: StopCheck | None,
 ) -> None:
+    """Apply pages in order while a producer fetches up to `prefetch` pages ahead.
+
+    Overlap never changes the semantics (SPEC §3): pages are applied one transaction each,
+    in order, the checkpoint with the page; a failure found ahead is raised only after
+    every page before it was applied.
+    """
     callback = job.callback
     start = await asyncio.to_thread(sink.load_checkpoint, job.tenant.id, job.scope)
     paginator = pagination.Paginator(
         mode=callback.pagination, page_size=callback.page_size, max_pages=callback.max_pages,
         start=start,
     )
+    # At most prefetch + 1 pages are fetched and not yet applied (memory stays flat); with
+    # prefetch 0 the next request waits until the page before is applied and acknowledged.
+    slots = asyncio.Semaphore(callback.effective_prefetch + 1)
+    ahead: asyncio.Queue[_Fetched | BaseException | None] = asyncio.Queue()
+    producer = asyncio.create_task(
+        _produce(job, paginator, source=source, ahead=ahead, slots=slots))
+    try:
+        while (item := await ahead.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, _Fetched)
+            with logs.bound(page=item.request.label):
+                await _apply(job, run_id, item, source=source, sink=sink, clock=clock,
+                             on_page=on_page)
+            slots.release()
+            if item.following is not None and should_stop is not None and should_stop():
+                raise _StopRequested
+    finally:
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
+
+
+async def _produce(
+    job: Job, paginator: pagination.Paginator, *, source: PageSource,
+    ahead: asyncio.Queue[_Fetched | BaseException | None], slots: asyncio.Semaphore,
+) -> None:
     request: PageRequest | None = paginator.first()
-    while request is not None:
-        with logs.bound(page=request.label):
-            request = await _one_page(job, run_id, request, paginator, source=source,
-                                      sink=sink, clock=clock, on_page=on_page)
-        if request is not None and should_stop is not None and should_stop():
-            raise _StopRequested
+    try:
+        while request is not None:
+            await slots.acquire()
+            with logs.bound(page=request.label):
+                fetched = await _fetch(job, request, paginator, source=source)
+            await ahead.put(fetched)
+            request = fetched.following
+        await ahead.put(_END)
+    except errors.PullerError as exc:
+        await ahead.put(exc)
 
 
-async def _one_page(
-    job: Job, run_id: int, request: PageRequest, paginator: pagination.Paginator, *,
-    source: PageSource, sink: PageSink, clock: SystemClock, on_page: PageHook | None,
-) -> PageRequest | None:
-    """fetch → parse → check → validate → apply (one transaction) → acknowledge → next."""
-    log = logs.get_logger()
+async def _fetch(
+    job: Job, request: PageRequest, paginator: pagination.Paginator, *, source: PageSource,
+) -> _Fetched:
+    """fetch → parse → check → validate: everything before the page's transaction."""
     where = Where(job.tenant.id, job.scope, request.label)
     body = await source.fetch_page(request)
     envelope = protocol.parse_envelope(body, where=where)
@@ -202,22 +249,31 @@ async def _one_page(
         )
     mismatch = pagination.meta_mismatch(request, envelope.meta)
     if mismatch:
-        log.warning("page_meta_mismatch", detail=mismatch)
+        logs.get_logger().warning("page_meta_mismatch", detail=mismatch)
     following = paginator.advance(request, envelope.meta, where=where)
     page = records.validate_page(job.scope, envelope.data,
                                  normalize_case=job.tenant.normalize_case)
+    return _Fetched(request=request, following=following, page=page,
+                    records=len(envelope.data))
+
+
+async def _apply(
+    job: Job, run_id: int, fetched: _Fetched, *, source: PageSource, sink: PageSink,
+    clock: SystemClock, on_page: PageHook | None,
+) -> None:
+    """apply (one transaction: records, rejections, counters, checkpoint) → acknowledge."""
+    page = fetched.page
     outcome = await asyncio.to_thread(
         sink.apply_page, run_id=run_id, tenant=job.tenant.id, scope=job.scope,
-        page=request.label, accepted=page.accepted, rejections=page.rejections,
-        checkpoint=pagination.checkpoint_after(following), normalised=page.normalised,
+        page=fetched.request.label, accepted=page.accepted, rejections=page.rejections,
+        checkpoint=pagination.checkpoint_after(fetched.following), normalised=page.normalised,
         now=clock.now(),
     )
-    log.debug("page_applied", records=len(envelope.data), applied=outcome.applied,
-              stale=outcome.stale, rejected=len(page.rejections))
+    logs.get_logger().debug("page_applied", records=fetched.records, applied=outcome.applied,
+                            stale=outcome.stale, rejected=len(page.rejections))
     if on_page is not None:
         on_page(job, outcome)
-    await _acknowledge(job, run_id, request, page, source=source, sink=sink)
-    return following
+    await _acknowledge(job, run_id, fetched.request, page, source=source, sink=sink)
 
 
 async def _acknowledge(

@@ -184,6 +184,18 @@ def test_status_shows_runs_without_secrets(tenant_server: TenantServer, tenant_i
         assert secret not in output
 
 
+def _checkpoint_page(store_url: str, tenant: str) -> int:
+    """The page number the next run starts at (1 when no checkpoint is stored)."""
+    engine = sa.create_engine(store_url)
+    try:
+        with engine.connect() as conn:
+            number = conn.execute(sa.select(schema.checkpoints.c.next_number).where(
+                schema.checkpoints.c.tenant_id == tenant)).scalar_one_or_none()
+    finally:
+        engine.dispose()
+    return int(number or 1)
+
+
 def _wait_for_request(server: TenantServer, tenant: str, count: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -214,17 +226,20 @@ def test_sigkill_between_pages_then_resume(tenant_server: TenantServer, tenant_i
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
-    assert len(stored(store_url, "customer", tenant_id)) == sum(
-        1 for r in records.validate_page(Scope.CUSTOMER, data.records["customer"][
-            :10 * (kill_before_page - 1)]).accepted)
+    # With prefetch, pages before N may still have been in their transaction: the store is
+    # exactly the pages before its own checkpoint, whatever the moment of the kill.
+    resume_at = _checkpoint_page(store_url, tenant_id)
+    assert 1 <= resume_at <= kill_before_page
+    assert len(stored(store_url, "customer", tenant_id)) == len(records.validate_page(
+        Scope.CUSTOMER, data.records["customer"][:10 * (resume_at - 1)]).accepted)
     tenant_server.requests.clear()
     done = puller("pull", "--config", str(config))
     assert done.returncode == 0, done.stdout + done.stderr
     first = next(q for p, q, _ in tenant_server.requests if p == f"/{tenant_id}/customers")
     if mode == "page":
-        assert first["page"] == str(kill_before_page)
+        assert first["page"] == str(resume_at)
     else:
-        assert cursor_offset(first["cursor"]) == 10 * (kill_before_page - 1)
+        assert cursor_offset(first.get("cursor")) == 10 * (resume_at - 1)
     assert_store_equals_source(store_url, tenant_id, data, "customer")
     history = runs(store_url, tenant_id)
     assert [r["status"] for r in history] == ["abandoned", "succeeded"]

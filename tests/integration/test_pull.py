@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import sqlalchemy as sa
 
 from puller import cli, pipeline, schema
@@ -431,3 +432,31 @@ def test_pipeline_module_needs_no_http_or_sql() -> None:
     assert pipeline.__file__ is not None
     text = Path(pipeline.__file__).read_text(encoding="utf-8")
     assert "import httpx" not in text and "sqlalchemy" not in text
+
+
+@pytest.mark.parametrize(("prefetch", "lag"), [(None, 1), (1, 2), (3, 4)],
+                         ids=["commit-url-default-0", "prefetch-1", "prefetch-3"])
+async def test_prefetch_is_bounded_and_queue_style_tenants_stay_sequential(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str,
+    prefetch: int | None, lag: int,
+) -> None:
+    """Page k is requested only after page k-lag was applied and acknowledged, where lag is
+    prefetch + 1; with a commit_url prefetch defaults to 0 (strictly one page at a time)."""
+    add_dataset(tenant_server, tenant_id, customers=80)
+    callback: dict[str, Any] = {"page_size": 10,
+                                "commit_url": f"{tenant_server.url}/{tenant_id}/commit"}
+    if prefetch is not None:
+        callback["prefetch"] = prefetch
+    config = config_for(tenant_server, tenant_id, store=store_url, scopes={"customer": callback})
+    (result,) = await pull(config, store)
+    assert result.status == "succeeded" and result.stats.pages == 8
+    order = [("ack", int(payload["page"])) if path.endswith("/commit")
+             else ("get", int(query["page"]))
+             for path, query, payload in tenant_server.requests
+             if path.startswith(f"/{tenant_id}/")]
+    for index, (kind, page) in enumerate(order):
+        if kind == "get" and page > lag:
+            assert ("ack", page - lag) in order[:index], (page, order)
+    if lag > 1:
+        gets_before_first_ack = order.index(("ack", 1))
+        assert gets_before_first_ack > 1, "pages were fetched ahead"

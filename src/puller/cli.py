@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from puller import __version__, client, errors, logs, pipeline, worker
+from puller import __version__, client, errors, logs, pipeline
 from puller.config import PullerConfig, load_config
 from puller.domain import PageOutcome, RunResult, Scope
 from puller.store import ScopeStatus, Store
@@ -288,6 +288,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: PullerConfig, path: Path, store: Store) -> None:
+    # Imported here: APScheduler and prometheus-client are start-up cost `pull` never needs.
+    from puller import worker  # noqa: PLC0415 - lazy: only `run` needs it
+
     async with client.build_http_client(
         allow_private_networks=config.allow_private_networks
     ) as http:

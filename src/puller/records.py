@@ -127,9 +127,6 @@ class Product(_Record):
 CUSTOMER_COLUMNS = (
     "email", "first_name", "last_name", "mobile", "language", "consent", "gender",
 )
-_KNOWN_CUSTOMER = frozenset(
-    (*CUSTOMER_COLUMNS, "customer_id", "last_modified_date", "deleted_at")
-)
 MODELS: dict[Scope, type[_Record]] = {
     Scope.CUSTOMER: Customer, Scope.ORDER: Order, Scope.PRODUCT: Product
 }
@@ -234,8 +231,10 @@ def _is_int(value: object) -> bool:
 
 def _customer(record: _Record, raw: Raw, position: int) -> Accepted:
     assert isinstance(record, Customer)
-    columns: dict[str, Any] = {name: getattr(record, name) for name in CUSTOMER_COLUMNS}
-    columns["extra"] = {k: v for k, v in raw.items() if k not in _KNOWN_CUSTOMER}
+    fields = record.__dict__
+    columns: dict[str, Any] = {name: fields[name] for name in CUSTOMER_COLUMNS}
+    # extra="allow" keeps every field beyond the declared ones here, in the sent order.
+    columns["extra"] = dict(record.__pydantic_extra__ or {})
     return Accepted(record.customer_id, record.last_modified_date, record.deleted_at, columns,
                     position)
 

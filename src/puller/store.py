@@ -30,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from puller import errors, merge, migration, schema
+from puller import errors, merge, migration, schema, upsert
 from puller.domain import (
     Accepted,
     Checkpoint,
@@ -326,25 +326,19 @@ class Store:
     ) -> int:
         if not records:
             return 0
-        table = schema.RECORD_TABLES[scope.value]
-        key = scope.id_field
-        rows = [
-            {"tenant_id": tenant, key: r.record_id, "last_modified_date": r.last_modified_at,
-             "deleted_at": r.deleted_at, "run_id": run_id, "stored_at": now, **r.columns}
-            for r in records
-        ]
-        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
-        stmt = insert(table)
-        # Full replacement, newest wins (SPEC §3): the WHERE is merge.is_newer in SQL.
-        upsert = stmt.on_conflict_do_update(
-            index_elements=[table.c.tenant_id, table.c[key]],
-            set_={name: stmt.excluded[name] for name in rows[0] if name not in ("tenant_id", key)},
-            where=table.c.last_modified_date < stmt.excluded.last_modified_date,
-        ).returning(table.c[key])
-        # RETURNING yields only rows inserted or updated, so stale ones are not counted;
-        # rowcount cannot be used: psycopg reports -1 for executemany. SQLAlchemy batches
-        # the rows into multi-row INSERT statements ("insertmanyvalues"), set-based.
-        return len(conn.execute(upsert, rows).all())
+        sql = upsert.statement(scope, self._dialect)
+        if self._dialect == "sqlite":
+            # sqlite3's C executemany; a stale row's DO UPDATE ... WHERE changes nothing,
+            # so the connection's change counter counts exactly the rows applied.
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            before = driver.total_changes
+            driver.executemany(sql, upsert.sqlite_rows(records, scope, tenant=tenant,
+                                                       run_id=run_id, now=now))
+            return int(driver.total_changes - before)
+        params = upsert.pg_params(records, scope, tenant=tenant, run_id=run_id, now=now)
+        # RETURNING yields only the rows inserted or updated, so stale ones are not counted.
+        return len(conn.exec_driver_sql(sql, params).fetchall())
 
     def _reject(
         self, conn: Connection, tenant: str, scope: Scope, *, run_id: int, page: str,

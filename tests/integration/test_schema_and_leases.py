@@ -130,3 +130,8 @@ async def test_a_pull_skips_a_scope_leased_elsewhere(
     assert [p for p, _, _ in tenant_server.requests if p.startswith(f"/{tenant_id}/")] == []
     (after,) = await cli.pull_now(config, jobs, store, concurrency=1)
     assert after.status == "succeeded"
+
+
+def test_head_constant_is_the_newest_migration_script() -> None:
+    """migration.HEAD (checked at start-up without Alembic) names the newest script."""
+    assert migration.script_head() == migration.HEAD

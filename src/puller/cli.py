@@ -7,7 +7,8 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -240,13 +241,8 @@ def _print_summary(results: Sequence[RunResult], *, as_json: bool) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    config = read_config(args.config)
-    pairs = [(t.id, s) for t in config.tenants for s in t.callbacks]
-    store = Store.open(config.store)
-    try:
-        statuses = store.status(pairs)
-    finally:
-        store.close()
+    with _opened(args.config) as (config, store):
+        statuses = store.status([(t.id, s) for t in config.tenants for s in t.callbacks])
     rows = [_status_row(s) for s in statuses]
     if args.json:
         sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -277,13 +273,9 @@ def _status_row(status: ScopeStatus) -> dict[str, Any]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    config = read_config(args.config)
-    store = Store.open(config.store)
-    try:
+    with _opened(args.config) as (config, store):
         store.claim_single_worker()
         asyncio.run(_serve(config, args.config, store))
-    finally:
-        store.close()
     return EXIT_OK
 
 
@@ -310,18 +302,21 @@ async def _serve(config: PullerConfig, path: Path, store: Store) -> None:
                 ops.stop()
 
 
-def _with_store(args: argparse.Namespace) -> tuple[PullerConfig, Store]:
-    config = read_config(args.config)
-    return config, Store.open(config.store)
+@contextmanager
+def _opened(path: Path, *, check_schema: bool = True) -> Iterator[tuple[PullerConfig, Store]]:
+    """The config at `path` and its store, closed afterwards."""
+    config = read_config(path)
+    store = Store.open(config.store, check_schema=check_schema)
+    try:
+        yield config, store
+    finally:
+        store.close()
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
-    _, store = _with_store(args)
-    try:
+    with _opened(args.config) as (_, store):
         rows = store.list_runs(tenant=args.tenant, scope=args.scope, status=args.status,
                                limit=args.limit)
-    finally:
-        store.close()
     _print_rows("puller runs", rows, ["id", "tenant_id", "scope", "trigger", "status",
                                       "started_at", "finished_at", "pages", "accepted",
                                       "rejected", "stale", "error"], as_json=args.json)
@@ -329,12 +324,9 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _cmd_rejects(args: argparse.Namespace) -> int:
-    _, store = _with_store(args)
-    try:
+    with _opened(args.config) as (_, store):
         rows = store.list_rejects(tenant=args.tenant, scope=args.scope, run_id=args.run,
                                   limit=args.limit)
-    finally:
-        store.close()
     if not args.json:
         rows = [{**r, "reasons": "; ".join(r["reasons"]),
                  "record": orjson.dumps(r["record"]).decode()[:80]} for r in rows]
@@ -344,26 +336,20 @@ def _cmd_rejects(args: argparse.Namespace) -> int:
 
 
 def _cmd_purge(args: argparse.Namespace) -> int:
-    config, store = _with_store(args)
-    retention = config.retention
-    try:
+    with _opened(args.config) as (config, store):
+        retention = config.retention
         removed = store.purge(now=pipeline.SystemClock().now(),
                               soft_deleted_s=retention.soft_deleted_s,
                               rejected_s=retention.rejected_s, runs_s=retention.runs_s)
-    finally:
-        store.close()
     logs.get_logger().info("purge_finished", **removed)
     print("purged: " + ", ".join(f"{count} {what}" for what, count in removed.items()))
     return EXIT_OK
 
 
 def _cmd_forget(args: argparse.Namespace) -> int:
-    config, store = _with_store(args)
-    config.tenant(args.tenant)
-    try:
+    with _opened(args.config) as (config, store):
+        config.tenant(args.tenant)
         erased = store.forget_customer(args.tenant, args.customer)
-    finally:
-        store.close()
     # Logged: that an erasure happened and how much; never which customer (it is personal).
     logs.get_logger().info("customer_forgotten", tenant=args.tenant, **erased)
     print(f"erased: {erased['customers']} customer row(s), {erased['rejected']} rejected "
@@ -373,24 +359,16 @@ def _cmd_forget(args: argparse.Namespace) -> int:
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
-    config = read_config(args.config)
-    store = Store.open(config.store, check_schema=False)
-    try:
+    with _opened(args.config, check_schema=False) as (_, store):
         before, _ = store.schema_revision()
         revision = store.upgrade_schema()
-    finally:
-        store.close()
     print(f"schema upgraded from {before or 'empty'} to {revision} (current)")
     return EXIT_OK
 
 
 def _cmd_db_current(args: argparse.Namespace) -> int:
-    config = read_config(args.config)
-    store = Store.open(config.store, check_schema=False)
-    try:
+    with _opened(args.config, check_schema=False) as (_, store):
         current, needed = store.schema_revision()
-    finally:
-        store.close()
     if current == needed:
         print(f"schema revision {current} (current)")
         return EXIT_OK

@@ -156,7 +156,7 @@ async def _leased_sweep(
         stats = await asyncio.to_thread(sink.finish_run, run_id, status=status,
                                         now=clock.now(), error=error)
         duration_s = clock.monotonic() - started
-        event = log.info if status == "succeeded" else log.error
+        event = {"succeeded": log.info, "interrupted": log.warning}.get(status, log.error)
         event(f"run_{status}", pages=stats.pages, accepted=stats.accepted,
               rejected=stats.rejected, stale=stats.stale, normalised=stats.normalised,
               acks_failed=stats.acks_failed, duration_s=round(duration_s, 3), error=error)

@@ -17,7 +17,6 @@ import orjson
 from sqlalchemy import (
     Connection,
     Engine,
-    Select,
     Table,
     create_engine,
     delete,
@@ -453,18 +452,19 @@ class Store:
     def list_runs(self, *, tenant: str | None = None, scope: str | None = None,
                   status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Recent runs, newest first, optionally filtered."""
-        runs = schema.runs
-        query = select(runs).order_by(runs.c.id.desc()).limit(limit)
-        query = _filtered(query, runs, tenant_id=tenant, scope=scope, status=status)
-        with self._begin() as conn:
-            return [_plain(r._mapping) for r in conn.execute(query)]
+        return self._newest(schema.runs, limit, tenant_id=tenant, scope=scope, status=status)
 
     def list_rejects(self, *, tenant: str | None = None, scope: str | None = None,
                      run_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Rejected records with their reasons, newest first, optionally filtered."""
-        rejected = schema.rejected_records
-        query = select(rejected).order_by(rejected.c.id.desc()).limit(limit)
-        query = _filtered(query, rejected, tenant_id=tenant, scope=scope, run_id=run_id)
+        return self._newest(schema.rejected_records, limit, tenant_id=tenant, scope=scope,
+                            run_id=run_id)
+
+    def _newest(self, table: Table, limit: int, **equal: object) -> list[dict[str, Any]]:
+        query = select(table).order_by(table.c.id.desc()).limit(limit)
+        for column, value in equal.items():
+            if value is not None:
+                query = query.where(table.c[column] == value)
         with self._begin() as conn:
             return [_plain(r._mapping) for r in conn.execute(query)]
 
@@ -490,13 +490,6 @@ def _lease_key(tenant: str, scope: Scope) -> int:
 def _plain(mapping: Any) -> dict[str, Any]:
     """A row as a dict with plain `str` keys (SQLAlchemy's quoted names are a str subclass)."""
     return {str(key): value for key, value in mapping.items()}
-
-
-def _filtered(query: Select[Any], table: Table, **equal: object) -> Select[Any]:
-    for column, value in equal.items():
-        if value is not None:
-            query = query.where(table.c[column] == value)
-    return query
 
 
 def _first_line(exc: SQLAlchemyError) -> str:

@@ -132,11 +132,17 @@ def read_config(path: Path) -> PullerConfig:
     """Read and validate a config file; a missing file is a config error."""
     try:
         text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
     except OSError as exc:
         raise errors.ConfigError(
             path=str(path), problem=f"cannot read the file ({exc.strerror})",
             hint="check the --config path",
         ) from None
+    if mode & 0o007:
+        # The file names tenants, URLs and which variables hold their secrets.
+        logs.get_logger().warning(
+            "config_readable_by_others", path=str(path), mode=oct(mode & 0o777),
+            hint=f"chmod o-rwx {path} (e.g. 640, owned by the puller user)")
     return load_config(text, os.environ, source=str(path))
 
 
@@ -207,12 +213,14 @@ async def pull_now(
 ) -> list[RunResult]:
     """Pull the jobs once with a fresh HTTP client; every run's result, failed ones included."""
     clock = pipeline.SystemClock()
-    async with client.build_http_client(
-        allow_private_networks=config.allow_private_networks
-    ) as http:
+    async with client.HttpClients(allow_private_networks=config.allow_private_networks) as http:
+        for job in jobs:  # a bad ca_bundle is a config error before anything runs
+            http.for_tenant(job.tenant)
+
         async def run_one(job: pipeline.Job) -> RunResult:
             source = client.CallbackSource(
-                http, tenant=job.tenant, scope=job.scope, callback=job.callback,
+                http.for_tenant(job.tenant), tenant=job.tenant, scope=job.scope,
+                callback=job.callback,
                 policy=config.retry, sleep=sleep,
             )
             return await pipeline.run_sweep(job, source=source, sink=store, clock=clock,
@@ -283,9 +291,7 @@ async def _serve(config: PullerConfig, path: Path, store: Store) -> None:
     # Imported here: APScheduler and prometheus-client are start-up cost `pull` never needs.
     from puller import worker  # noqa: PLC0415 - lazy: only `run` needs it
 
-    async with client.build_http_client(
-        allow_private_networks=config.allow_private_networks
-    ) as http:
+    async with client.HttpClients(allow_private_networks=config.allow_private_networks) as http:
         serving = worker.Worker(config, load_config=lambda: read_config(path), store=store,
                                 http=http)
         ops = None

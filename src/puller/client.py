@@ -54,6 +54,16 @@ def is_forbidden(address: str) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    """The addresses of `host`, as the system resolver returns them."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
 class GuardedBackend(httpcore.AsyncNetworkBackend):
     """Resolves the host itself, refuses forbidden addresses, connects to the checked address.
 
@@ -61,9 +71,11 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
     check and connect; TLS still verifies the certificate against the host name (SNI).
     """
 
-    def __init__(self, *, allow_private: bool) -> None:
-        self._inner = httpcore.AnyIOBackend()
+    def __init__(self, *, allow_private: bool, resolver: Resolver = resolve,
+                 inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self._inner = inner or httpcore.AnyIOBackend()
         self._allow_private = allow_private
+        self._resolve = resolver
 
     async def connect_tcp(
         self,
@@ -73,14 +85,10 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
         try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout
-            )
+            addresses = await asyncio.wait_for(self._resolve(host, port), timeout)
         except (OSError, TimeoutError) as exc:
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         if not self._allow_private:
             for address in addresses:
                 if is_forbidden(address):
@@ -107,7 +115,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 
 
 def build_http_client(
-    *, allow_private_networks: bool, ca_bundle: str | None = None
+    *, allow_private_networks: bool, ca_bundle: str | None = None, resolver: Resolver = resolve,
 ) -> httpx.AsyncClient:
     """An AsyncClient whose every connection passes the address guard; redirects off.
 
@@ -122,12 +130,42 @@ def build_http_client(
         max_connections=MAX_CONNECTIONS,
         max_keepalive_connections=MAX_CONNECTIONS,
         keepalive_expiry=5.0,
-        network_backend=GuardedBackend(allow_private=allow_private_networks),
+        network_backend=GuardedBackend(allow_private=allow_private_networks, resolver=resolver),
     )
     return httpx.AsyncClient(
         transport=transport, follow_redirects=False, trust_env=False,
         headers={"User-Agent": USER_AGENT},
     )
+
+
+class HttpClients:
+    """One AsyncClient per CA bundle: the shared default, or a tenant's pinned CA."""
+
+    def __init__(self, *, allow_private_networks: bool) -> None:
+        self._allow_private = allow_private_networks
+        self._clients: dict[str | None, httpx.AsyncClient] = {}
+
+    def for_tenant(self, tenant: TenantConfig) -> httpx.AsyncClient:
+        """The client for a tenant; an unreadable ca_bundle is a config error."""
+        key = tenant.ca_bundle
+        if key not in self._clients:
+            try:
+                self._clients[key] = build_http_client(
+                    allow_private_networks=self._allow_private, ca_bundle=key)
+            except (OSError, ssl.SSLError) as exc:
+                raise errors.ConfigError(
+                    path=f"tenants[{tenant.id}].ca_bundle", problem=f"cannot load {key!r}: {exc}",
+                    hint="give a readable PEM file of the CA certificates to trust",
+                ) from None
+        return self._clients[key]
+
+    async def __aenter__(self) -> HttpClients:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        for http in self._clients.values():
+            await http.aclose()
+        self._clients.clear()
 
 
 class CallbackSource:
@@ -219,6 +257,16 @@ class CallbackSource:
         except httpx.TimeoutException as exc:
             raise errors.TransientCallbackError(
                 **where, reason=f"{type(exc).__name__} on POST {path}") from None
+        except httpx.ConnectError as exc:
+            untrusted = _certificate_problem(exc)
+            if untrusted is None:
+                raise errors.TransientCallbackError(
+                    **where, reason=f"ConnectError on POST {path}: {_short(exc)}") from None
+            raise errors.FatalCallbackError(
+                **where, reason=f"the TLS certificate of {urlsplit(url).hostname} is not "
+                f"trusted ({untrusted}) — fix the tenant's certificate, or pin the CA that "
+                "signed it with ca_bundle in this tenant's config; verification is never "
+                "switched off") from None
         except httpx.TransportError as exc:
             raise errors.TransientCallbackError(
                 **where, reason=f"{type(exc).__name__} on POST {path}: {_short(exc)}") from None
@@ -276,6 +324,15 @@ async def _read_capped(response: httpx.Response, *, cap: int, where: _Where) -> 
             raise errors.BrokenPageError(**where, reason=too_big)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _certificate_problem(exc: BaseException) -> str | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen.reason or "verification failed")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _short(exc: Exception) -> str:

@@ -194,6 +194,9 @@ class TenantConfig(_Frozen):
     shop: str = Field(min_length=1, max_length=255)
     headers: dict[str, SecretStr] = Field(default_factory=dict)
     normalize_case: bool = False
+    ca_bundle: str | None = Field(default=None, min_length=1)
+    """A PEM file of CA certificates this tenant's TLS is verified against (pinning);
+    verification itself can never be switched off."""
     callbacks: Annotated[dict[Scope, CallbackConfig], BeforeValidator(_scope_keys)] = Field(
         min_length=1
     )

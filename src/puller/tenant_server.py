@@ -16,6 +16,7 @@ import argparse
 import base64
 import json
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -139,7 +140,8 @@ class Fault:
 class TenantServer:
     """The HTTP server, its datasets, its fault queue and what it was sent."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.datasets: dict[str, Dataset] = {}
         self.faults: dict[str, deque[Fault]] = {}
         self.acks: list[dict[str, Any]] = []
@@ -148,12 +150,16 @@ class TenantServer:
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer((host, port), _handler(self))
         self.httpd.daemon_threads = True
+        self._scheme = "http"
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+            self._scheme = "https"
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{self._scheme}://{host!s}:{port}"
 
     def add(self, tenant: str, dataset: Dataset) -> Dataset:
         self.datasets[tenant] = dataset

@@ -13,8 +13,6 @@ from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import httpx
-
 from puller import client, errors, logs, pipeline
 from puller.config import PullerConfig, TenantConfig
 from puller.domain import PageOutcome, RunResult, Scope
@@ -56,7 +54,7 @@ class Worker:
     """Runs every scheduled (tenant, scope) under the global and per-tenant caps."""
 
     def __init__(self, config: PullerConfig, *, load_config: ConfigLoader, store: Store,
-                 http: httpx.AsyncClient, metrics: Metrics | None = None) -> None:
+                 http: client.HttpClients, metrics: Metrics | None = None) -> None:
         self.config = config
         self._load_config = load_config
         self._store = store
@@ -190,7 +188,8 @@ class Worker:
     async def _sweep(self, tenant: TenantConfig, scope: Scope, slot: _Slot) -> RunResult:
         labels = {"tenant": tenant.id, "scope": scope.value}
         source = client.CallbackSource(
-            self._http, tenant=tenant, scope=scope, callback=tenant.callbacks[scope],
+            self._http.for_tenant(tenant), tenant=tenant, scope=scope,
+            callback=tenant.callbacks[scope],
             policy=self.config.retry, observer=_Observer(self.metrics, labels),
         )
         job = pipeline.Job(tenant=tenant, scope=scope, trigger="schedule")

@@ -179,7 +179,8 @@ def test_status_shows_runs_without_secrets(tenant_server: TenantServer, tenant_i
     (row,) = orjson.loads(status.stdout)
     assert (row["tenant"], row["scope"], row["last_status"]) == (tenant_id, "customer", "failed")
     assert "HTTP 401" in row["error"]
-    for output in (failed.stdout, failed.stderr, status.stdout,
+    as_json = puller("pull", "--config", str(config), "--json", env=env)
+    for output in (failed.stdout, failed.stderr, status.stdout, as_json.stdout, as_json.stderr,
                    puller("status", "--config", str(config), env=env).stdout):
         assert secret not in output
 
@@ -327,3 +328,18 @@ def test_pull_shows_a_progress_bar_on_a_terminal(tenant_server: TenantServer, te
     assert f"{tenant_id}/customer" in text and "pages" in text and "records" in text
     piped = puller("pull", "--config", str(config))
     assert "pages ·" not in piped.stdout
+
+
+def test_a_config_file_readable_by_others_is_warned_about(tenant_server: TenantServer,
+                                                          tmp_path: Path) -> None:
+    """World-readable config: a warning with the chmod to run; owner/group-only: none."""
+    config = write_config(tmp_path, tenant_server, "x", store_url=f"sqlite:///{tmp_path}/p.db",
+                          scopes={"customer": {}})
+    config.chmod(0o644)
+    loud = puller("config", "check", str(config))
+    assert loud.returncode == 0
+    (event,) = [orjson.loads(line) for line in loud.stderr.splitlines()
+                if "config_readable_by_others" in line]
+    assert event["level"] == "warning" and "chmod o-rwx" in event["hint"]
+    config.chmod(0o640)
+    assert "config_readable_by_others" not in puller("config", "check", str(config)).stderr

@@ -43,7 +43,7 @@ def worker_config(server: TenantServer, store_url: str, tenants: dict[str, dict[
 @contextlib.asynccontextmanager
 async def running(config: PullerConfig, store: Store,
                   load: Callable[[], PullerConfig] | None = None) -> AsyncIterator[Worker]:
-    async with client.build_http_client(allow_private_networks=True) as http:
+    async with client.HttpClients(allow_private_networks=True) as http:
         worker = Worker(config, load_config=load or (lambda: config), store=store, http=http)
         task = asyncio.create_task(worker.run())
         try:

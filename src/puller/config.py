@@ -301,7 +301,10 @@ def _env_value(name: str, env: Mapping[str, str], *, path: str) -> str:
 
 
 def _join(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
+    text = str(key)
+    if not text or text != text.strip() or "." in text or "[" in text:
+        text = repr(text)  # an empty, padded or dotted key must still be visible in the path
+    return f"{path}.{text}" if path else text
 
 
 def _config_error(exc: ValidationError) -> errors.ConfigError:

@@ -51,7 +51,7 @@ def test_validation_never_raises_and_accounts_for_every_record(
 
 yaml_docs = st.one_of(
     st.text(max_size=200),
-    json_values.map(lambda v: yaml.safe_dump(v)),
+    json_values.map(yaml.safe_dump),
     st.fixed_dictionaries({}, optional={
         "store": json_values, "retry": json_values, "worker": json_values,
         "tenants": st.lists(st.fixed_dictionaries({}, optional={
@@ -59,7 +59,7 @@ yaml_docs = st.one_of(
             "headers": json_values, "callbacks": json_values | st.dictionaries(
                 st.sampled_from(["customer", "2", "product", "x"]), json_values, max_size=3),
         }), max_size=3),
-    }).map(lambda v: yaml.safe_dump(v)),
+    }).map(yaml.safe_dump),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -41,6 +42,8 @@ from puller.domain import (
 )
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+BUSY_TIMEOUT_ENV = "PULLER_SQLITE_BUSY_TIMEOUT_MS"
+"""How long a SQLite write waits for another process's lock before failing (default 10 s)."""
 PG_POOL_SIZE = 10
 PG_MAX_OVERFLOW = 40
 LEASE_CLASS = 0x70756C6C  # "pull": the first key of puller's PostgreSQL advisory locks
@@ -71,7 +74,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    busy_ms = int(os.environ.get(BUSY_TIMEOUT_ENV) or SQLITE_BUSY_TIMEOUT_MS)
+    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
     cursor.close()
 
 
@@ -106,6 +110,7 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._dialect = engine.dialect.name
+        self._leases: dict[tuple[str, str], Connection] = {}
 
     @classmethod
     def open(cls, url: str, *, check_schema: bool = True) -> Store:
@@ -168,26 +173,46 @@ class Store:
         never blocks a (tenant, scope).
         """
         if self._dialect == "postgresql":
-            with self._pg_lease(_lease_key(tenant, scope)) as held:
+            with self._pg_lease(_lease_key(tenant, scope), (tenant, scope.value)) as held:
                 yield held
             return
         with self._file_lock(f"{tenant}.{scope.value}.lock") as held:
             yield held
 
     @contextmanager
-    def _pg_lease(self, key: int) -> Iterator[bool]:
+    def _pg_lease(self, key: int, name: tuple[str, str]) -> Iterator[bool]:
         try:
             conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        except SQLAlchemyError as exc:
-            raise errors.StoreError(f"cannot connect for a lease: {_first_line(exc)}") from exc
-        try:
             held = bool(conn.execute(select(func.pg_try_advisory_lock(LEASE_CLASS, key)))
                         .scalar_one())
+        except SQLAlchemyError as exc:
+            raise errors.StoreError(f"cannot take a lease: {_first_line(exc)} — "
+                                    f"{_hint(exc)}") from exc
+        if held:
+            self._leases[name] = conn
+        try:
             yield held
-            if held:
-                conn.execute(select(func.pg_advisory_unlock(LEASE_CLASS, key)))
         finally:
-            conn.close()
+            self._leases.pop(name, None)
+            with contextlib.suppress(SQLAlchemyError):
+                # On a dead connection the lock is already gone with it.
+                conn.execute(select(func.pg_advisory_unlock(LEASE_CLASS, key)))
+            with contextlib.suppress(SQLAlchemyError):
+                conn.close()
+
+    def _check_lease(self, tenant: str, scope: Scope) -> None:
+        # A lease lives as long as its connection. If that connection dropped (a database
+        # restart), another worker may take the lease: this run must not write another page.
+        conn = self._leases.get((tenant, scope.value))
+        if conn is None:
+            return
+        try:
+            conn.exec_driver_sql("SELECT 1")
+        except SQLAlchemyError as exc:
+            raise errors.StoreError(
+                f"the lease on tenant {tenant}, scope {scope.value} was lost with its "
+                f"database connection ({_first_line(exc)}) — this run stops here; the next "
+                "run resumes at the checkpoint") from exc
 
     @contextmanager
     def _file_lock(self, name: str) -> Iterator[bool]:
@@ -257,8 +282,7 @@ class Store:
         except SQLAlchemyError as exc:
             raise errors.StoreError(
                 f"{type(getattr(exc, 'orig', None) or exc).__name__}: {_first_line(exc)} — "
-                "nothing of this step was written; check that the database is reachable "
-                "and writable"
+                f"nothing of this step was written; {_hint(exc)}"
             ) from exc
 
     def start_run(self, tenant: str, scope: Scope, *, trigger: str, now: datetime) -> int:
@@ -308,6 +332,7 @@ class Store:
     ) -> PageOutcome:
         """Store a page in one transaction: records, rejections, run counters, checkpoint."""
         survivors, duplicates = merge.newest_per_id(accepted)
+        self._check_lease(tenant, scope)
         with self._begin() as conn:
             applied = self._upsert(conn, tenant, scope, survivors, run_id=run_id, now=now)
             self._reject(conn, tenant, scope, run_id=run_id, page=page, rejections=rejections,
@@ -474,6 +499,17 @@ class Store:
             return int(conn.execute(
                 select(func.count()).select_from(table).where(table.c.tenant_id == tenant)
             ).scalar_one())
+
+
+def _hint(exc: SQLAlchemyError) -> str:
+    text = _first_line(exc).lower()
+    if "database is locked" in text:
+        return (f"another process held a write lock on the SQLite file longer than "
+                f"{BUSY_TIMEOUT_ENV} allows; find it (fuser FILE), or use PostgreSQL")
+    if "disk is full" in text or "no space left" in text:
+        return ("the disk is full; free space and run again — the run resumes at the last "
+                "stored page")
+    return "check that the database is reachable and writable, then run again"
 
 
 def _sqlite_begin(conn: Connection) -> None:

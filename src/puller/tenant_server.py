@@ -106,6 +106,12 @@ class Dataset:
     api_key: str | None = None
     page_delay_s: float = 0.0
     """Sleep before each page: a slow tenant, so tests can act while a sweep is under way."""
+    ack_delay_s: float = 0.0
+    """Sleep before answering an acknowledgement (kills can land during the ack)."""
+    endless: bool = False
+    """Always answer has_next_page: true (an export that never ends)."""
+    before_page: Callable[[str, dict[str, str]], None] | None = None
+    """Called with (scope, query) before a page is rendered: tests change data mid-sweep."""
 
     @classmethod
     def generate(
@@ -184,14 +190,16 @@ class TenantServer:
         dataset = self.datasets[tenant]
         if dataset.page_delay_s:
             time.sleep(dataset.page_delay_s)
+        if dataset.before_page is not None:
+            dataset.before_page(scope, query)
         rows = dataset.records[scope]
         size = int(query.get("page_size", "50"))
         if "page" in query:
             page = int(query["page"])
             start = (page - 1) * size
             chunk = rows[start:start + size]
-            meta: dict[str, Any] = {"has_next_page": start + size < len(rows), "page": page,
-                                    "page_size": size}
+            meta: dict[str, Any] = {"has_next_page": dataset.endless or start + size < len(rows),
+                                    "page": page, "page_size": size}
         else:
             start = cursor_offset(query.get("cursor"))
             chunk = rows[start:start + size]
@@ -244,6 +252,8 @@ class _Handler(BaseHTTPRequestHandler):
         if refusal is not None:
             return self._send(refusal[0], {"status": "error", "message": refusal[1]})
         if what == "commit":
+            if server.datasets[tenant].ack_delay_s:
+                time.sleep(server.datasets[tenant].ack_delay_s)
             ack = {"tenant": tenant, **payload}
             if server.on_ack is not None:
                 server.on_ack(ack)

@@ -58,7 +58,8 @@ def test_sigterm_mid_sweep_exits_0_and_restart_resumes(tenant_server: TenantServ
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     (first,) = runs(store_url, tenant_id)
-    assert first["status"] == "interrupted" and 5 <= first["pages"] < 30
+    # 6 requests seen; with prefetch 2 at least 3 of those pages had committed.
+    assert first["status"] == "interrupted" and 3 <= first["pages"] < 30
     assert "worker_stopped" in err
 
     tenant_server.requests.clear()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -138,14 +139,25 @@ async def test_sqlite_disk_full_fails_clearly_and_leaves_the_store_intact(
         db.close()
 
 
+def _restart_postgres() -> None:
+    clusters = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
+    if not clusters or not shutil.which("pg_ctlcluster"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("cannot restart PostgreSQL here: no pg_ctlcluster cluster")
+        pytest.skip("no local pg_ctlcluster cluster to restart (allowed outside CI only)")
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", clusters[-1], "main",
+                    "restart"], check=True, capture_output=True, timeout=60)
+
+
 @pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("fault", ["terminate", "restart"])
 async def test_postgres_connections_lost_mid_run_then_resume(
     tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str,
-    pg_admin: sa.Engine,
+    pg_admin: sa.Engine, fault: str,
 ) -> None:
-    """All of puller's connections are terminated mid-run (what a restart looks like from
-    here): the run fails or carries on cleanly, nothing is half-applied, the next run
-    finishes, and the store equals the source with every record accepted once."""
+    """PostgreSQL restarts (or terminates puller's connections) mid-run: the run fails or
+    carries on cleanly, nothing is half-applied, the next run finishes, and the store
+    equals the source with every record accepted once."""
     data = add_dataset(tenant_server, tenant_id, customers=200)
     data.page_delay_s = 0.03
     config = config_for(tenant_server, tenant_id, store=store_url,
@@ -158,6 +170,9 @@ async def test_postgres_connections_lost_mid_run_then_resume(
             if store.load_checkpoint(tenant_id, Scope.CUSTOMER).next_number >= 5:
                 break
             time.sleep(0.02)
+        if fault == "restart":
+            _restart_postgres()
+            return
         with pg_admin.connect() as conn:
             conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                  "WHERE datname = :db AND pid <> pg_backend_pid()"),

@@ -185,14 +185,6 @@ class RunStats:
     normalised: int = 0
     acks_failed: int = 0
 
-    def add(self, other: RunStats) -> None:
-        self.pages += other.pages
-        self.accepted += other.accepted
-        self.rejected += other.rejected
-        self.stale += other.stale
-        self.normalised += other.normalised
-        self.acks_failed += other.acks_failed
-
 
 RunStatus = Literal["running", "succeeded", "failed", "interrupted", "abandoned", "skipped"]
 """`skipped` is never stored: the run did not start (another process holds the lease)."""

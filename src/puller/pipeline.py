@@ -16,6 +16,7 @@ from puller.domain import (
     Accepted,
     Ack,
     Checkpoint,
+    Clock,
     PageOutcome,
     PageRequest,
     Rejection,
@@ -93,7 +94,7 @@ class _StopRequested(Exception):
 
 
 async def run_sweep(
-    job: Job, *, source: PageSource, sink: PageSink, clock: SystemClock,
+    job: Job, *, source: PageSource, sink: PageSink, clock: Clock,
     on_page: PageHook | None = None, should_stop: StopCheck | None = None,
     done_since: datetime | None = None,
 ) -> RunResult:
@@ -127,7 +128,7 @@ def _skipped(job: Job, reason: str) -> RunResult:
 
 
 async def _leased_sweep(
-    job: Job, *, source: PageSource, sink: PageSink, clock: SystemClock,
+    job: Job, *, source: PageSource, sink: PageSink, clock: Clock,
     on_page: PageHook | None, should_stop: StopCheck | None,
 ) -> RunResult:
     log = logs.get_logger()
@@ -181,7 +182,7 @@ _END = None
 
 
 async def _sweep(
-    job: Job, run_id: int, *, source: PageSource, sink: PageSink, clock: SystemClock,
+    job: Job, run_id: int, *, source: PageSource, sink: PageSink, clock: Clock,
     on_page: PageHook | None, should_stop: StopCheck | None,
 ) -> None:
     """Apply pages in order while a producer fetches up to `prefetch` pages ahead.
@@ -259,7 +260,7 @@ async def _fetch(
 
 async def _apply(
     job: Job, run_id: int, fetched: _Fetched, *, source: PageSource, sink: PageSink,
-    clock: SystemClock, on_page: PageHook | None,
+    clock: Clock, on_page: PageHook | None,
 ) -> None:
     """apply (one transaction: records, rejections, counters, checkpoint) → acknowledge."""
     page = fetched.page

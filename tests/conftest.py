@@ -14,8 +14,9 @@ import sqlalchemy as sa
 import structlog
 from structlog.testing import capture_logs
 
-from puller import logs
+from puller import cli, logs
 from puller.config import PullerConfig
+from puller.domain import RunResult
 from puller.store import Store
 from puller.tenant_server import Dataset, TenantServer
 
@@ -129,3 +130,17 @@ def captured_logs() -> Iterator[list[dict[str, Any]]]:
     """Capture event dicts after puller's own contextvars merge and redaction processors."""
     with capture_logs(processors=[structlog.contextvars.merge_contextvars, logs._redact]) as got:
         yield got
+
+
+async def pull_runs(config: PullerConfig, store: Store, *, scopes: list[str] | None = None,
+                    concurrency: int = 4, sleep: Any = None) -> list[RunResult]:
+    """Pull every configured (tenant, scope), or `scopes`, once, as `puller pull` does."""
+    jobs = cli.select_jobs(config, [], scopes or [], trigger="test")
+    extra = {} if sleep is None else {"sleep": sleep}
+    return await cli.pull_now(config, jobs, store, concurrency=concurrency, **extra)
+
+
+async def pull_one(config: PullerConfig, store: Store, **kw: Any) -> RunResult:
+    """pull_runs for a config with exactly one (tenant, scope)."""
+    (result,) = await pull_runs(config, store, concurrency=1, **kw)
+    return result

@@ -13,11 +13,12 @@ import respx
 import sqlalchemy as sa
 from pydantic import SecretStr
 
-from puller import cli, client, errors, schema
+from puller import client, errors, schema
 from puller.config import PullerConfig
 from puller.domain import PageRequest, RunResult, Scope
 from puller.store import Store
 from puller.tenant_server import make_customer
+from tests.conftest import pull_one
 
 URL = "https://tenant.test/export/customers"
 FIRST = PageRequest(number=1, page_size=2, page=1)
@@ -63,9 +64,7 @@ async def _fetch(config: PullerConfig, sleeps: Sleeps, request: PageRequest = FI
 
 
 async def _pull(config: PullerConfig, store: Store, sleeps: Sleeps) -> RunResult:
-    jobs = cli.select_jobs(config, [], [], trigger="test")
-    (result,) = await cli.pull_now(config, jobs, store, concurrency=1, sleep=sleeps)
-    return result
+    return await pull_one(config, store, sleep=sleeps)
 
 
 def _count(store: Store) -> int:

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from puller import cli, errors, schema
-from puller.config import PullerConfig
-from puller.domain import RunResult, Scope
+from puller import errors, schema
+from puller.domain import Scope
 from puller.records import validate_page
 from puller.store import BUSY_TIMEOUT_ENV, Store
 from puller.tenant_server import TenantServer
 from tests.conftest import add_dataset, config_for
+from tests.conftest import pull_one as pull
 
 LOCKER = """
 import sqlite3, sys, time
@@ -47,12 +47,6 @@ def locked(path: str, seconds: float) -> Iterator[subprocess.Popen[str]]:
         proc.kill()
         proc.wait(timeout=10)
         proc.stdout.close()
-
-
-async def pull(config: PullerConfig, store: Store) -> RunResult:
-    jobs = cli.select_jobs(config, [], [], trigger="test")
-    (result,) = await cli.pull_now(config, jobs, store, concurrency=1)
-    return result
 
 
 async def test_sqlite_locked_briefly_by_another_process_is_waited_for(

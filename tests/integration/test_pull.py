@@ -9,18 +9,12 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from puller import cli, pipeline, schema
-from puller.config import PullerConfig
-from puller.domain import Checkpoint, RunResult, Scope
+from puller import pipeline, schema
+from puller.domain import Checkpoint, Scope
 from puller.store import Store
 from puller.tenant_server import Fault, TenantServer, make_customer, timestamp
 from tests.conftest import BACKENDS, add_dataset, captured_logs, config_for
-
-
-async def pull(config: PullerConfig, store: Store, *, scopes: list[str] | None = None,
-               concurrency: int = 4) -> list[RunResult]:
-    jobs = cli.select_jobs(config, [], scopes or [], trigger="test")
-    return await cli.pull_now(config, jobs, store, concurrency=concurrency)
+from tests.conftest import pull_runs as pull
 
 
 def rows(store: Store, table: sa.Table, tenant: str) -> list[dict[str, Any]]:

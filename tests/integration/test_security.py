@@ -11,12 +11,13 @@ import pytest
 import sqlalchemy as sa
 import trustme
 
-from puller import cli, errors, schema
+from puller import errors, schema
 from puller.config import PullerConfig
 from puller.domain import Scope
 from puller.store import Store
 from puller.tenant_server import Dataset, TenantServer, make_customer, make_order
-from tests.conftest import BACKENDS, add_dataset, config_for
+from tests.conftest import BACKENDS, add_dataset, config_for, pull_runs
+from tests.conftest import pull_one as _pull
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +44,6 @@ def _tls_config(server: TenantServer, store_url: str, **tenant: Any) -> PullerCo
         "tenants": [{"id": "tls", "shop": "tls.example.com", **tenant,
                      "callbacks": {"customer": {"url": url, "page_size": 10}}}],
     })
-
-
-async def _pull(config: PullerConfig, store: Store) -> Any:
-    jobs = cli.select_jobs(config, [], [], trigger="test")
-    (result,) = await cli.pull_now(config, jobs, store, concurrency=1)
-    return result
 
 
 async def test_tls_is_verified_by_default(tls_server: TenantServer, store: Store,
@@ -123,8 +118,7 @@ async def test_sql_metacharacters_are_stored_verbatim(
 
 
 async def _pull_all(config: PullerConfig, store: Store) -> None:
-    jobs = cli.select_jobs(config, [], [], trigger="test")
-    results = await cli.pull_now(config, jobs, store, concurrency=1)
+    results = await pull_runs(config, store, concurrency=1)
     assert all(r.status == "succeeded" for r in results), [r.error for r in results]
 
 

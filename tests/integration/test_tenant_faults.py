@@ -5,19 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from puller import cli, schema
-from puller.config import PullerConfig
-from puller.domain import RunResult, Scope
+from puller import schema
+from puller.domain import Scope
 from puller.records import validate_page
 from puller.store import Store
 from puller.tenant_server import Fault, TenantServer, timestamp
 from tests.conftest import add_dataset, captured_logs, config_for
-
-
-async def pull(config: PullerConfig, store: Store) -> RunResult:
-    jobs = cli.select_jobs(config, [], [], trigger="test")
-    (result,) = await cli.pull_now(config, jobs, store, concurrency=1)
-    return result
+from tests.conftest import pull_one as pull
 
 
 def stored_versions(store: Store, tenant: str) -> dict[str, str]:

@@ -197,7 +197,7 @@ def count_stored(store: str, table: str) -> int:
 
     engine = sa.create_engine(store)
     with engine.connect() as conn:
-        n = int(conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())  # noqa: S608
+        n = int(conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())
     engine.dispose()
     return n
 
@@ -212,6 +212,7 @@ def puller_config(folder: Path, url: str, store: str, size: int, tenants: int,
                   f"page_size: {size}, max_pages: 1000000"
                   + (f", prefetch: {prefetch}" if prefetch is not None else "") + "}"]
     path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)  # puller warns about config files readable by others
     return path
 
 
@@ -335,7 +336,8 @@ def _row(what: str, store: str, size: int, total: int,
 def _print(rows: list[dict[str, Any]], args: argparse.Namespace, total: int) -> None:
     print(f"\n{total:,} customers ({args.tenants} tenant(s)), median of {args.repeat}, "
           f"whole processes; ratio = puller ÷ plain httpx loop at the same page size\n")
-    head = f"{'what':38} {'store':8} {'page':>5} {'rec/s':>9} {'pages/s':>8} {'RSS MiB':>8} {'ratio':>6}"
+    head = (f"{'what':38} {'store':8} {'page':>5} {'rec/s':>9} {'pages/s':>8} "
+            f"{'RSS MiB':>8} {'ratio':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -351,16 +353,16 @@ def _targets(rows: list[dict[str, Any]]) -> None:
         if r["what"].startswith("puller") and r["store"] == "sqlite":
             need = 0.6 if r["page_size"] <= 50 else 0.4
             verdict = "met" if r["ratio"] >= need else "NOT met"
-            print(f"target SQLite page {r['page_size']}: puller ≥ {need}× plain loop — "
-                  f"{r['ratio']:.2f}× {verdict}")
+            print(f"target SQLite page {r['page_size']}: puller ≥ {need}x plain loop — "
+                  f"{r['ratio']:.2f}x {verdict}")
         if r["what"].startswith("puller") and r["store"] == "postgres":
             naive_rows = [n for n in rows if n["what"].startswith("sequential")
                           and n["store"] == "postgres" and n["page_size"] == r["page_size"]]
             if naive_rows:
                 ratio = r["rec_s"] / naive_rows[0]["rec_s"]
                 verdict = "met" if ratio >= 1.5 else "NOT met"
-                print(f"target PostgreSQL page {r['page_size']}: puller ≥ 1.5× sequential "
-                      f"loop+upsert — {ratio:.2f}× {verdict}")
+                print(f"target PostgreSQL page {r['page_size']}: puller ≥ 1.5x sequential "
+                      f"loop+upsert — {ratio:.2f}x {verdict}")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-import socket
-import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -31,7 +27,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from puller import errors, merge, migration, schema, upsert
+from puller import dberror, errors, merge, migration, schema, upsert
+from puller.dberror import BUSY_TIMEOUT_ENV
 from puller.domain import (
     Accepted,
     Checkpoint,
@@ -41,15 +38,12 @@ from puller.domain import (
     RunStatus,
     Scope,
 )
+from puller.lease import LEASE_CLASS, WORKER_ID, Leases
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
-BUSY_TIMEOUT_ENV = "PULLER_SQLITE_BUSY_TIMEOUT_MS"
-"""How long a SQLite write waits for another process's lock before failing (default 10 s)."""
 PG_POOL_SIZE = 10
 PG_MAX_OVERFLOW = 40
-LEASE_CLASS = 0x70756C6C  # "pull": the first key of puller's PostgreSQL advisory locks
 SCHEMA_LOCK = 1  # second key of the advisory lock that serialises schema upgrades
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"[:100]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +105,7 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._dialect = engine.dialect.name
-        self._leases: dict[tuple[str, str], Connection] = {}
+        self._leases = Leases(engine)
 
     @classmethod
     def open(cls, url: str, *, check_schema: bool = True) -> Store:
@@ -165,102 +159,13 @@ class Store:
             # Several workers starting on one empty database: one creates, the others wait.
             conn.execute(select(func.pg_advisory_xact_lock(LEASE_CLASS, SCHEMA_LOCK)))
 
-    @contextmanager
-    def lease(self, tenant: str, scope: Scope) -> Iterator[bool]:
-        """Hold the (tenant, scope) lease for a run, if free; yields whether it is held.
-
-        PostgreSQL: a session advisory lock on a connection of its own. SQLite: an flock
-        on a file beside the database. Both die with the process, so a crashed worker
-        never blocks a (tenant, scope).
-        """
-        if self._dialect == "postgresql":
-            with self._pg_lease(_lease_key(tenant, scope), (tenant, scope.value)) as held:
-                yield held
-            return
-        with self._file_lock(f"{tenant}.{scope.value}.lock") as held:
-            yield held
-
-    @contextmanager
-    def _pg_lease(self, key: int, name: tuple[str, str]) -> Iterator[bool]:
-        try:
-            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-            held = bool(conn.execute(select(func.pg_try_advisory_lock(LEASE_CLASS, key)))
-                        .scalar_one())
-        except SQLAlchemyError as exc:
-            raise errors.StoreError(f"cannot take a lease: {_first_line(exc)} — "
-                                    f"{_hint(exc)}") from exc
-        if held:
-            self._leases[name] = conn
-        try:
-            yield held
-        finally:
-            self._leases.pop(name, None)
-            with contextlib.suppress(SQLAlchemyError):
-                # On a dead connection the lock is already gone with it.
-                conn.execute(select(func.pg_advisory_unlock(LEASE_CLASS, key)))
-            with contextlib.suppress(SQLAlchemyError):
-                conn.close()
-
-    def _check_lease(self, tenant: str, scope: Scope) -> None:
-        # A lease lives as long as its connection. If that connection dropped (a database
-        # restart), another worker may take the lease: this run must not write another page.
-        conn = self._leases.get((tenant, scope.value))
-        if conn is None:
-            return
-        try:
-            conn.exec_driver_sql("SELECT 1")
-        except SQLAlchemyError as exc:
-            raise errors.StoreError(
-                f"the lease on tenant {tenant}, scope {scope.value} was lost with its "
-                f"database connection ({_first_line(exc)}) — this run stops here; the next "
-                "run resumes at the checkpoint") from exc
-
-    @contextmanager
-    def _file_lock(self, name: str) -> Iterator[bool]:
-        folder = self._lock_folder()
-        if folder is None:
-            yield True
-            return
-        with open(folder / name, "a+", encoding="utf-8") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def _lock_folder(self) -> Path | None:
-        database = self.engine.url.database
-        if self._dialect != "sqlite" or not database or database == ":memory:":
-            return None
-        folder = Path(f"{database}-locks")
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+    def lease(self, tenant: str, scope: Scope) -> AbstractContextManager[bool]:
+        """Hold the (tenant, scope) lease for a run, if free (see lease.Leases)."""
+        return self._leases.hold(tenant, scope)
 
     def claim_single_worker(self) -> None:
         """SQLite serves one worker: refuse a second worker process on the same file."""
-        folder = self._lock_folder()
-        if folder is None:
-            return
-        handle = open(folder / "worker.lock", "a+", encoding="utf-8")  # noqa: SIM115
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            handle.close()
-            raise errors.StoreBusyError(
-                f"another puller worker ({owner}) is already running on this SQLite store; "
-                "SQLite serves one worker — stop that one, or move the store to PostgreSQL "
-                "to run several") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(WORKER_ID)
-        handle.flush()
-        self._worker_lock = handle  # held (and the lock with it) until the process ends
+        self._leases.claim_single_worker()
 
     def last_completed_start(self, tenant: str, scope: Scope) -> datetime | None:
         """When the latest run that completed (succeeded or failed) of a (tenant, scope) began."""
@@ -282,8 +187,8 @@ class Store:
                 yield conn
         except SQLAlchemyError as exc:
             raise errors.StoreError(
-                f"{type(getattr(exc, 'orig', None) or exc).__name__}: {_first_line(exc)} — "
-                f"nothing of this step was written; {_hint(exc)}"
+                f"{type(getattr(exc, 'orig', None) or exc).__name__}: {dberror.first_line(exc)} — "
+                f"nothing of this step was written; {dberror.hint(exc)}"
             ) from exc
 
     def start_run(self, tenant: str, scope: Scope, *, trigger: str, now: datetime) -> int:
@@ -333,7 +238,7 @@ class Store:
     ) -> PageOutcome:
         """Store a page in one transaction: records, rejections, run counters, checkpoint."""
         survivors, duplicates = merge.newest_per_id(accepted)
-        self._check_lease(tenant, scope)
+        self._leases.check(tenant, scope)
         with self._begin() as conn:
             applied = self._upsert(conn, tenant, scope, survivors, run_id=run_id, now=now)
             self._reject(conn, tenant, scope, run_id=run_id, page=page, rejections=rejections,
@@ -510,34 +415,10 @@ _CHECKPOINT = text(
 ).bindparams(bindparam("updated_at", type_=schema.UtcDateTime()))
 
 
-def _hint(exc: SQLAlchemyError) -> str:
-    text = _first_line(exc).lower()
-    if "database is locked" in text:
-        return (f"another process held a write lock on the SQLite file longer than "
-                f"{BUSY_TIMEOUT_ENV} allows; find it (fuser FILE), or use PostgreSQL")
-    if "disk is full" in text or "no space left" in text:
-        return ("the disk is full; free space and run again — the run resumes at the last "
-                "stored page")
-    return "check that the database is reachable and writable, then run again"
-
-
 def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN")
-
-
-def _lease_key(tenant: str, scope: Scope) -> int:
-    # pg advisory locks take two int4 keys; crc32 folded to a signed int. A collision only
-    # makes two (tenant, scope) pairs take turns, never run at once.
-    value = zlib.crc32(f"{tenant}\x00{scope.value}".encode())
-    return value - 2**32 if value >= 2**31 else value
 
 
 def _plain(mapping: Any) -> dict[str, Any]:
     """A row as a dict with plain `str` keys (SQLAlchemy's quoted names are a str subclass)."""
     return {str(key): value for key, value in mapping.items()}
-
-
-def _first_line(exc: SQLAlchemyError) -> str:
-    orig = getattr(exc, "orig", None)
-    text = str(orig) if orig is not None else str(exc)
-    return text.strip().splitlines()[0][:300] if text.strip() else "no detail"

@@ -1,0 +1,27 @@
+"""Database errors turned into what an operator reads: the first line and what to do."""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import SQLAlchemyError
+
+BUSY_TIMEOUT_ENV = "PULLER_SQLITE_BUSY_TIMEOUT_MS"
+"""How long a SQLite write waits for another process's lock before failing (default 10 s)."""
+
+
+def first_line(exc: SQLAlchemyError) -> str:
+    """The driver's own message, first line only (no SQL, no parameters)."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig) if orig is not None else str(exc)
+    return text.strip().splitlines()[0][:300] if text.strip() else "no detail"
+
+
+def hint(exc: SQLAlchemyError) -> str:
+    """What to do about it."""
+    text = first_line(exc).lower()
+    if "database is locked" in text:
+        return (f"another process held a write lock on the SQLite file longer than "
+                f"{BUSY_TIMEOUT_ENV} allows; find it (fuser FILE), or use PostgreSQL")
+    if "disk is full" in text or "no space left" in text:
+        return ("the disk is full; free space and run again — the run resumes at the last "
+                "stored page")
+    return "check that the database is reachable and writable, then run again"

@@ -190,6 +190,7 @@ class CallbackSource:
         self._sleep = sleep
         self._observer = observer
         self._headers = {**tenant.header_values(), "Content-Type": "application/json"}
+        self._body = protocol.request_body(tenant.shop)
 
     async def fetch_page(self, request: PageRequest) -> bytes:
         """The raw body of one page, retried on transient failures.
@@ -197,11 +198,10 @@ class CallbackSource:
         Raises:
             errors.CallbackError: a subclass saying what failed and what to do.
         """
-        body = protocol.request_body(self._tenant.shop)
         params = protocol.request_params(request)
         async for attempt in self._retrying():
             with attempt:
-                return await self._post(self._callback.url, body, params=params,
+                return await self._post(self._callback.url, self._body, params=params,
                                         page=request.label, cap=self._callback.max_page_bytes)
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 

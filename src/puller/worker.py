@@ -7,6 +7,7 @@ import itertools
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -64,6 +65,9 @@ class Worker:
         self._clock = pipeline.SystemClock()
         self._slots: dict[JobKey, _Slot] = {}
         self._due_order = itertools.count()
+        # Kept as counts, not recounted from the slots: with thousands of (tenant, scope)
+        # pairs due at once, a recount per candidate made each dispatch quadratic.
+        self._running: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -147,6 +151,7 @@ class Worker:
                 continue
             if self._may_start(key):
                 slot.due = False
+                self._running[key[0]] += 1
                 slot.task = asyncio.create_task(self._run(key, slot))
 
     def _may_start(self, key: JobKey) -> bool:
@@ -166,8 +171,7 @@ class Worker:
         return True
 
     def _in_flight(self, tenant: str | None = None) -> int:
-        return sum(1 for (t, _), slot in self._slots.items()
-                   if slot.task is not None and (tenant is None or t == tenant))
+        return self._running.total() if tenant is None else self._running[tenant]
 
     async def _run(self, key: JobKey, slot: _Slot) -> None:
         tenant_id, scope = key
@@ -183,6 +187,7 @@ class Worker:
         finally:
             self.metrics.in_flight.dec()
             slot.task = None
+            self._running[tenant_id] -= 1
             self._wake.set()
 
     async def _sweep(self, tenant: TenantConfig, scope: Scope, slot: _Slot) -> RunResult:

@@ -70,7 +70,6 @@ class Worker:
         self._running: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._stopping = False
-        self._stopped = asyncio.Event()
         self._schedule = Schedule(on_due=self.mark_due, on_maintenance=self._start_maintenance)
         self._background: set[asyncio.Task[Any]] = set()
         self._log = logs.get_logger()
@@ -91,7 +90,6 @@ class Worker:
             beat.cancel()
             self._schedule.shutdown()
             await self._drain()
-            self._stopped.set()
 
     def stop(self) -> None:
         """Stop starting runs; in-flight runs finish their page and end `interrupted`."""
@@ -123,9 +121,10 @@ class Worker:
                             hint="the previous configuration keeps running; fix the file and "
                             "send SIGHUP again")
             return
-        if new.store != self.config.store:
-            self._log.warning("config_store_change_ignored",
-                              hint="a new store URL takes effect after a restart")
+        for setting in ("store", "allow_private_networks"):
+            if getattr(new, setting) != getattr(self.config, setting):
+                self._log.warning("config_change_needs_restart", key=setting,
+                                  hint=f"a new {setting} takes effect after a restart")
         counts = self._schedule.apply(new, now=self._clock.now())
         kept = {(t.id, s) for t in new.tenants for s in t.callbacks}
         for key, slot in self._slots.items():

@@ -44,7 +44,7 @@ def _render_pages(records: list[dict[str, Any]], size: int) -> tuple[list[bytes]
     return pages, cursor_pages
 
 
-def serve(records: int, tenants: int, sizes: list[int]) -> None:
+def serve(records: int, tenants: int, sizes: list[int], latency_s: float = 0.0) -> None:
     """Serve pre-rendered customer pages at /{tenant}/customers for every tenant."""
     from puller.tenant_server import make_customer
 
@@ -63,6 +63,8 @@ def serve(records: int, tenants: int, sizes: list[int]) -> None:
                     await reader.readexactly(length)
                 target = head.split(b" ", 2)[1].decode()
                 body = _lookup(rendered, target)
+                if latency_s:  # a tenant's own work per page (database, rendering)
+                    await asyncio.sleep(latency_s)
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n" % len(body) + body)
                 await writer.drain()
@@ -226,6 +228,8 @@ def main() -> int:
     parser.add_argument("--tenants", type=int, default=1, help="tenants, records each")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--prefetch", type=int, default=None)
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="the tenant server waits this long before each page")
     parser.add_argument("--role", default="bench", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
@@ -233,7 +237,7 @@ def main() -> int:
     args = parser.parse_args()
     sizes = [int(s) for s in args.page_sizes.split(",")]
     if args.role == "serve":
-        serve(args.records, args.tenants, sizes)
+        serve(args.records, args.tenants, sizes, args.latency_ms / 1000)
         return 0
     if args.role == "plain":
         plain(args.url, args.size, args.tenants)
@@ -247,7 +251,8 @@ def main() -> int:
 def bench(args: argparse.Namespace, sizes: list[int]) -> int:
     me = [sys.executable, str(Path(__file__).resolve())]
     server = subprocess.Popen([*me, "--role", "serve", "--records", str(args.records),
-                               "--tenants", str(args.tenants), "--page-sizes", args.page_sizes],
+                               "--tenants", str(args.tenants), "--page-sizes", args.page_sizes,
+                               "--latency-ms", str(args.latency_ms)],
                               stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None
     url = server.stdout.readline().strip()

@@ -256,7 +256,7 @@ class CallbackSource:
                 "to the tenant") from None
         except httpx.TimeoutException as exc:
             raise errors.TransientCallbackError(
-                **where, reason=f"{type(exc).__name__} on POST {path}") from None
+                **where, reason=f"{type(exc).__name__} on POST {path}", kind="timeout") from None
         except httpx.ConnectError as exc:
             untrusted = _certificate_problem(exc)
             if untrusted is None:
@@ -277,7 +277,7 @@ def _status_label(exc: errors.CallbackError) -> str:
     if isinstance(status, int):
         return str(status)
     if isinstance(exc, errors.TransientCallbackError):
-        return "timeout" if "Timeout" in exc.reason else "transport"
+        return exc.kind
     if isinstance(exc, errors.ForbiddenAddressError):
         return "forbidden"
     return "broken"

@@ -15,13 +15,19 @@ def first_line(exc: SQLAlchemyError) -> str:
     return text.strip().splitlines()[0][:300] if text.strip() else "no detail"
 
 
+_LOCKED = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
+_FULL_SQLITE = "SQLITE_FULL"
+_FULL_SQLSTATE = "53100"  # PostgreSQL disk_full
+
+
 def hint(exc: SQLAlchemyError) -> str:
-    """What to do about it."""
-    text = first_line(exc).lower()
-    if "database is locked" in text:
+    """What to do about it, decided by the driver's error code, not its wording."""
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "sqlite_errorname", None)
+    if code in _LOCKED:
         return (f"another process held a write lock on the SQLite file longer than "
                 f"{BUSY_TIMEOUT_ENV} allows; find it (fuser FILE), or use PostgreSQL")
-    if "disk is full" in text or "no space left" in text:
+    if code == _FULL_SQLITE or getattr(orig, "sqlstate", None) == _FULL_SQLSTATE:
         return ("the disk is full; free space and run again — the run resumes at the last "
                 "stored page")
     return "check that the database is reachable and writable, then run again"

@@ -71,10 +71,12 @@ class TransientCallbackError(CallbackError, Transient):
         reason: str,
         retry_after_s: float | None = None,
         status: int | None = None,
+        kind: str = "transport",
     ) -> None:
         self.reason = reason
         self.retry_after_s = retry_after_s
         self.status = status
+        self.kind = kind  # "timeout" or "transport" when there is no HTTP status
         super().__init__(
             tenant=tenant,
             scope=scope,

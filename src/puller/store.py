@@ -133,8 +133,6 @@ class Store:
                     migration.upgrade(conn)
                     return
                 current = migration.current(conn)
-        except errors.SchemaError:
-            raise
         except errors.StoreError:
             # Another process created the schema at the same moment (SQLite); look again.
             with self._begin() as conn:

@@ -176,7 +176,7 @@ class Worker:
         tenant_id, scope = key
         self.metrics.in_flight.inc()
         try:
-            tenant = self._tenant(tenant_id)
+            tenant = self.config.tenant(tenant_id)
             result = await self._sweep(tenant, scope, slot)
             self._record(key, slot, result.status, result.duration_s)
         except Exception as exc:  # the worker never dies because of one tenant
@@ -211,9 +211,6 @@ class Worker:
             return None
         now = self._clock.now()
         return now - timedelta(seconds=period_s(schedule, now=now) / 2)
-
-    def _tenant(self, tenant_id: str) -> TenantConfig:
-        return self.config.tenant(tenant_id)
 
     def _count_page(self, job: pipeline.Job, outcome: PageOutcome) -> None:
         labels = (job.tenant.id, job.scope.value)

@@ -5,16 +5,21 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Field,
+    Strict,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
+    with_config,
 )
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from puller.domain import Accepted, Raw, Rejection, Scope, ValidatedPage
 
@@ -70,13 +75,13 @@ def _id(value: str) -> str:
 
 
 def _email(value: str) -> str:
-    if not _EMAIL.match(value):
+    if not _EMAIL.fullmatch(value):
         raise ValueError(f"{value[:60]!r} is not a valid email address")
     return value
 
 
 def _language(value: str) -> str:
-    if not _LANGUAGE.match(value):
+    if not _LANGUAGE.fullmatch(value):
         raise ValueError(f"{value!r} is not a language tag such as en or en-US")
     return value
 
@@ -135,7 +140,24 @@ MODELS: dict[Scope, type[_Record]] = {
 def validate_page(
     scope: Scope, raws: Sequence[object], *, normalize_case: bool = False
 ) -> ValidatedPage:
-    """Validate every record of a page; invalid ones become rejections with all reasons."""
+    """Validate every record of a page; invalid ones become rejections with all reasons.
+
+    A page whose every record is valid takes the fast path (one pydantic-core call for the
+    page, see _fast_page); any other page is validated record by record, which explains.
+    """
+    if normalize_case:
+        pairs = [normalised_case(raw) if isinstance(raw, dict) else (raw, 0) for raw in raws]
+        candidates: Sequence[object] = [pair[0] for pair in pairs]
+        changes = sum(pair[1] for pair in pairs)
+    else:
+        candidates, changes = raws, 0
+    fast = _fast_page(scope, candidates)
+    if fast is not None:
+        return ValidatedPage(accepted=fast, rejections=[], normalised=changes)
+    return _slow_page(scope, raws, normalize_case=normalize_case)
+
+
+def _slow_page(scope: Scope, raws: Sequence[object], *, normalize_case: bool) -> ValidatedPage:
     model = MODELS[scope]
     columns = _COLUMNS[scope]
     accepted: list[Accepted] = []
@@ -263,3 +285,130 @@ def _kind(value: object) -> str:
     if value is None:
         return "null"
     return f"a {type(value).__name__}"
+
+
+# ---------------------------------------------------------------- the fast path (issue #5)
+# The rules above call Python per field (~4.6 µs a customer). The same rules written as
+# pydantic-core constraints run in Rust, a whole page in one call (~1.1 µs a customer).
+# They accept a subset of what the rules above accept, never more, and yield the same
+# values: a page they refuse goes to the path above, which decides and explains.
+# tests/unit/test_records.py checks the subset and the sameness on generated records.
+
+# Python's \s (str.isspace) is Rust's \s plus U+001C..U+001F (checked over every code point).
+_SPACE = r"\s\x1c-\x1f"
+_FAST_NOT_BLANK = f"[^{_SPACE}]"
+_FAST_EMAIL = (
+    f"^[^{_SPACE}@\\\"(),:;<>\\[\\]\\\\]+@[^{_SPACE}@.\\\"(),:;<>\\[\\]\\\\]+"
+    f"(\\.[^{_SPACE}@.\\\"(),:;<>\\[\\]\\\\]+)+$"
+)
+# A common ISO 8601 shape with a UTC offset; datetime.fromisoformat still parses it (a
+# 13th month fails there and sends the page to the explaining path).
+_FAST_TIME = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
+    r"(Z|[+-][0-9]{2}:[0-9]{2})$"
+)
+_I64 = 2**63
+
+
+def _text(max_length: int, pattern: str = _FAST_NOT_BLANK) -> object:
+    return Annotated[str, Strict(), StringConstraints(max_length=max_length, pattern=pattern)]
+
+
+_FastId = _text(MAX_ID_CHARS) | Annotated[int, Strict(), Field(gt=-_I64, lt=_I64)]
+_FastTime = _text(40, _FAST_TIME)
+
+
+@with_config(ConfigDict(extra="allow"))
+class _FastCustomer(TypedDict):
+    customer_id: _FastId  # type: ignore[valid-type]
+    email: _text(255, _FAST_EMAIL)  # type: ignore[valid-type]
+    first_name: _text(100)  # type: ignore[valid-type]
+    last_name: _text(300)  # type: ignore[valid-type]
+    mobile: _text(20)  # type: ignore[valid-type]
+    language: _text(10, _LANGUAGE.pattern)  # type: ignore[valid-type]
+    consent: Literal["Yes", "No"]
+    gender: Literal["Male", "Female"]
+    last_modified_date: _FastTime  # type: ignore[valid-type]
+    deleted_at: NotRequired[_FastTime | None]  # type: ignore[valid-type]
+
+
+@with_config(ConfigDict(extra="allow"))
+class _FastOrder(TypedDict):
+    order_id: _FastId  # type: ignore[valid-type]
+    customer_id: _FastId  # type: ignore[valid-type]
+    last_modified_date: _FastTime  # type: ignore[valid-type]
+    deleted_at: NotRequired[_FastTime | None]  # type: ignore[valid-type]
+
+
+@with_config(ConfigDict(extra="allow"))
+class _FastProduct(TypedDict):
+    product_id: _FastId  # type: ignore[valid-type]
+    last_modified_date: _FastTime  # type: ignore[valid-type]
+    deleted_at: NotRequired[_FastTime | None]  # type: ignore[valid-type]
+
+
+_FAST_TYPES: dict[Scope, type] = {
+    Scope.CUSTOMER: _FastCustomer, Scope.ORDER: _FastOrder, Scope.PRODUCT: _FastProduct
+}
+_fast_adapters: dict[Scope, TypeAdapter[list[dict[str, Any]]]] = {}
+
+
+def _fast_adapter(scope: Scope) -> TypeAdapter[list[dict[str, Any]]]:
+    adapter = _fast_adapters.get(scope)
+    if adapter is None:
+        adapter = _fast_adapters[scope] = TypeAdapter(list[_FAST_TYPES[scope]])  # type: ignore[valid-type]
+    return adapter
+
+
+def _fast_page(scope: Scope, candidates: Sequence[object]) -> list[Accepted] | None:
+    """Every record accepted, as the explaining path would accept it; None if any is not."""
+    try:
+        valid = _fast_adapter(scope).validate_python(candidates)
+    except ValidationError:
+        return None
+    try:
+        if scope is Scope.CUSTOMER:
+            return _fast_customers(valid)
+        return _fast_payloads(scope, valid, candidates)
+    except ValueError:  # a timestamp of the right shape that is no date (2024-13-01)
+        return None
+
+
+def _fast_customers(valid: list[dict[str, Any]]) -> list[Accepted]:
+    accepted = []
+    declared = _DECLARED
+    for position, record in enumerate(valid):
+        record_id = record["customer_id"]
+        deleted = record.get("deleted_at")
+        columns = {name: record[name] for name in CUSTOMER_COLUMNS}
+        columns["extra"] = {k: v for k, v in record.items() if k not in declared}
+        accepted.append(Accepted(
+            record_id if type(record_id) is str else str(record_id),
+            _utc(record["last_modified_date"]), None if deleted is None else _utc(deleted),
+            columns, position))
+    return accepted
+
+
+def _fast_payloads(scope: Scope, valid: list[dict[str, Any]],
+                   candidates: Sequence[object]) -> list[Accepted] | None:
+    accepted = []
+    key = scope.id_field
+    for position, (record, raw) in enumerate(zip(valid, candidates, strict=True)):
+        assert isinstance(raw, dict)
+        if money_problems(raw):
+            return None
+        columns: dict[str, Any] = {"payload": raw}
+        if scope is Scope.ORDER:
+            columns = {"customer_id": str(record["customer_id"]), "payload": raw}
+        deleted = record.get("deleted_at")
+        accepted.append(Accepted(
+            str(record[key]), _utc(record["last_modified_date"]),
+            None if deleted is None else _utc(deleted), columns, position))
+    return accepted
+
+
+_DECLARED = frozenset(_FastCustomer.__annotations__)
+
+
+def _utc(value: str) -> datetime:
+    return datetime.fromisoformat(value).astimezone(UTC)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import UTC, timedelta, timezone
+from typing import Annotated, Any
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from puller import errors
+from puller import records as rules
 from puller.config import PullerConfig, load_config
 from puller.domain import Scope
 from puller.records import validate_page
@@ -74,3 +77,67 @@ def test_config_loader_never_crashes(text: str, env: dict[str, str]) -> None:
         assert str(exc).startswith("config ")
     else:
         assert isinstance(result, PullerConfig)
+
+
+tricky_text = st.text(alphabet=st.sampled_from(
+    [*"aZ09@.-_+ ()<>:;,[]\\\"'é", "\n", "\t", "\x1c", "\x1f", "\x85", "\xa0", "\u2028",
+                                          "\u3000", "\u200b", "\ufeff"]), max_size=12)
+timestamps = st.one_of(
+    st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)),
+                                            timezone(-timedelta(hours=8))]))
+    .map(lambda d: d.isoformat()),
+    st.datetimes().map(lambda d: d.isoformat()),  # no offset: refused by both paths
+    st.from_regex(r"\A[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,7})?"
+                  r"(Z|[+-][0-9]{2}:[0-9]{2})?\Z"),
+    st.sampled_from(["2024-12-01T10:30:00Z", "2024-12-01 10:30:00+00:00", "20241201T103000Z",
+                     "2024-02-30T00:00:00Z", "2024-12-01T24:00:00Z", "2024-12-01T10:30:00+25:00"]),
+)
+field_values = st.one_of(
+    tricky_text, timestamps, st.integers(min_value=-(2**70), max_value=2**70), st.none(),
+    st.booleans(), st.sampled_from(["Yes", "No", "Male", "Female", "yes", "en", "en-US", "x" * 101,
+                                    "a@b.c", "a@b.c\n", "en\n", " ", "\x1c"]),
+    st.text(max_size=3).map(lambda t: "user@example.com" + t),
+)
+
+
+@st.composite
+def near_valid_records(draw: st.DrawFn) -> tuple[Scope, dict[str, Any]]:
+    """A valid record of a scope with some fields replaced by edge-case values."""
+    scope = draw(st.sampled_from(list(Scope)))
+    make = {Scope.CUSTOMER: make_customer, Scope.ORDER: make_order,
+            Scope.PRODUCT: make_product}[scope]
+    record = make(draw(st.integers(min_value=0, max_value=50)))
+    for field in draw(st.lists(st.sampled_from([*record, "deleted_at", "extra_key"]),
+                               max_size=3)):
+        record[field] = draw(field_values)
+    return scope, record
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(case=near_valid_records())
+def test_the_fast_path_accepts_only_what_the_rules_accept_and_yields_the_same(
+    case: tuple[Scope, dict[str, Any]],
+) -> None:
+    """The one-call page validation never accepts more than the per-record rules, and what
+    it accepts it turns into exactly the same stored values."""
+    scope, record = case
+    fast = rules._fast_page(scope, [record])
+    explained = rules._slow_page(scope, [record], normalize_case=False)
+    event("fast path took it" if fast is not None else
+          "rules accepted, fast path refused" if explained.accepted else "both refused")
+    if fast is not None:
+        assert explained.rejections == []
+        assert fast == explained.accepted
+
+
+def test_fast_blank_check_agrees_with_python_on_every_code_point() -> None:
+    """Rust's \\s and Python's str.isspace differ; the fast pattern makes up the difference."""
+    adapter = TypeAdapter(list[Annotated[str, StringConstraints(
+        pattern=f"^{rules._FAST_NOT_BLANK}$")]])
+    chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    try:
+        adapter.validate_python(chars)
+        refused: set[str] = set()
+    except ValidationError as exc:
+        refused = {chars[err["loc"][0]] for err in exc.errors()}  # type: ignore[index]
+    assert refused == {c for c in chars if c.isspace()}

@@ -53,11 +53,15 @@ def test_valid_customer_keeps_extra_fields_and_stores_utc() -> None:
         ({"language": "e1"}, "language: 'e1' is not a language tag"),
         ({"mobile": 123456}, "mobile: Input should be a valid string"),
         ({"deleted_at": "later"}, "deleted_at: 'later' is not an ISO 8601 timestamp"),
+        ({"email": "a@example.com\n"}, "is not a valid email address"),
+        ({"last_modified_date": "2024-13-01T10:30:00Z"}, "is not an ISO 8601 timestamp"),
+        ({"first_name": "\x1c\x1f"}, "first_name: must not be empty or blank"),
     ],
     ids=["missing-id", "empty-email", "blank-name", "gender-case", "gender-other", "consent-YES",
          "consent-bool", "email-no-domain", "email-space", "naive-timestamp", "bad-timestamp",
          "epoch-timestamp", "long-id", "long-email", "long-first", "long-last", "long-mobile",
-         "long-language", "bad-language", "mobile-number", "bad-deleted-at"],
+         "long-language", "bad-language", "mobile-number", "bad-deleted-at",
+         "email-newline", "month-13", "separator-chars-only"],
 )
 def test_customer_rules_reject_with_a_reason(override: dict[str, Any], reason: str) -> None:
     """Each customer rule rejects the record and says which field and why."""

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from sqlalchemy.exc import SQLAlchemyError
-
 BUSY_TIMEOUT_ENV = "PULLER_SQLITE_BUSY_TIMEOUT_MS"
 """How long a SQLite write waits for another process's lock before failing (default 10 s)."""
 
 
-def first_line(exc: SQLAlchemyError) -> str:
-    """The driver's own message, first line only (no SQL, no parameters)."""
-    orig = getattr(exc, "orig", None)
-    text = str(orig) if orig is not None else str(exc)
+def first_line(exc: Exception) -> str:
+    """The driver's own message, first line only (no SQL, no parameters); `exc` is a
+    SQLAlchemy error or the driver's own."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig)
     return text.strip().splitlines()[0][:300] if text.strip() else "no detail"
 
 
@@ -20,9 +19,9 @@ _FULL_SQLITE = "SQLITE_FULL"
 _FULL_SQLSTATE = "53100"  # PostgreSQL disk_full
 
 
-def hint(exc: SQLAlchemyError) -> str:
+def hint(exc: Exception) -> str:
     """What to do about it, decided by the driver's error code, not its wording."""
-    orig = getattr(exc, "orig", None)
+    orig = getattr(exc, "orig", None) or exc
     code = getattr(orig, "sqlite_errorname", None)
     if code in _LOCKED:
         return (f"another process held a write lock on the SQLite file longer than "

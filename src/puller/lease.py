@@ -66,6 +66,10 @@ class Leases:
             with contextlib.suppress(SQLAlchemyError):
                 conn.close()
 
+    def connection(self, tenant: str, scope: Scope) -> Connection | None:
+        """The autocommit connection holding this process's PostgreSQL lease, if any."""
+        return self._held.get((tenant, scope.value))
+
     def check(self, tenant: str, scope: Scope) -> None:
         """Raise when this process's lease on (tenant, scope) died with its connection.
 

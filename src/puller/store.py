@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -15,13 +16,11 @@ from sqlalchemy import (
     Connection,
     Engine,
     Table,
-    bindparam,
     create_engine,
     delete,
     event,
     func,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -184,10 +183,7 @@ class Store:
             with self.engine.begin() as conn:
                 yield conn
         except SQLAlchemyError as exc:
-            raise errors.StoreError(
-                f"{type(getattr(exc, 'orig', None) or exc).__name__}: {dberror.first_line(exc)} — "
-                f"nothing of this step was written; {dberror.hint(exc)}"
-            ) from exc
+            raise _store_error(exc) from exc
 
     def start_run(self, tenant: str, scope: Scope, *, trigger: str, now: datetime) -> int:
         """Record a new run; earlier runs of this (tenant, scope) left `running` are abandoned."""
@@ -236,67 +232,63 @@ class Store:
     ) -> PageOutcome:
         """Store a page in one transaction: records, rejections, run counters, checkpoint."""
         survivors, duplicates = merge.newest_per_id(accepted)
-        self._leases.check(tenant, scope)
-        with self._begin() as conn:
-            applied = self._upsert(conn, tenant, scope, survivors, run_id=run_id, now=now)
-            self._reject(conn, tenant, scope, run_id=run_id, page=page, rejections=rejections,
-                         now=now)
-            stale = duplicates + len(survivors) - applied
-            self._count(conn, run_id, RunStats(pages=1, accepted=applied,
-                                               rejected=len(rejections), stale=stale,
-                                               normalised=normalised))
-            self._checkpoint(conn, tenant, scope, checkpoint, run_id=run_id, now=now)
-        return PageOutcome(applied=applied, stale=stale, rejected=len(rejections))
-
-    def _upsert(
-        self, conn: Connection, tenant: str, scope: Scope, records: Sequence[Accepted], *,
-        run_id: int, now: datetime,
-    ) -> int:
-        if not records:
-            return 0
-        sql = upsert.statement(scope, self._dialect)
+        offered = duplicates + len(survivors)  # every accepted record not applied is stale
         if self._dialect == "sqlite":
-            # sqlite3's C executemany; a stale row's DO UPDATE ... WHERE changes nothing,
-            # so the connection's change counter counts exactly the rows applied.
-            driver = conn.connection.driver_connection
-            assert driver is not None
-            before = driver.total_changes
-            driver.executemany(sql, upsert.sqlite_rows(records, scope, tenant=tenant,
-                                                       run_id=run_id, now=now))
-            return int(driver.total_changes - before)
-        params = upsert.pg_params(records, scope, tenant=tenant, run_id=run_id, now=now)
-        # RETURNING yields only the rows inserted or updated, so stale ones are not counted.
-        return len(conn.exec_driver_sql(sql, params).fetchall())
+            self._leases.check(tenant, scope)
+            applied = self._sqlite_page(
+                tenant, scope, survivors, rejections, checkpoint, run_id=run_id, page=page,
+                offered=offered, normalised=normalised, now=now)
+        else:
+            sql = upsert.pg_page_statement(scope)
+            params = upsert.pg_page_params(
+                survivors, rejections, checkpoint, scope, tenant=tenant, run_id=run_id,
+                page=page, offered=offered, normalised=normalised, now=now)
+            # On the run's lease connection (autocommit: the one statement is the page's
+            # transaction) when there is one: a lease lost with its connection fails the
+            # write itself, so no page is written without the lease, at no extra round trip.
+            leased = self._leases.connection(tenant, scope)
+            try:
+                if leased is not None:
+                    applied = int(leased.exec_driver_sql(sql, params).scalar_one())
+                else:
+                    with self._begin() as conn:
+                        applied = int(conn.exec_driver_sql(sql, params).scalar_one())
+            except SQLAlchemyError as exc:
+                raise _store_error(exc) from exc
+        return PageOutcome(applied=applied, stale=offered - applied, rejected=len(rejections))
 
-    def _reject(
-        self, conn: Connection, tenant: str, scope: Scope, *, run_id: int, page: str,
-        rejections: Sequence[Rejection], now: datetime,
-    ) -> None:
-        if not rejections:
-            return
-        conn.execute(
-            schema.rejected_records.insert(),
-            [
-                {"tenant_id": tenant, "scope": scope.value, "run_id": run_id, "page": page,
-                 "position": r.position, "record": r.raw, "reasons": list(r.reasons),
-                 "rejected_at": now}
-                for r in rejections
-            ],
-        )
-
-    def _count(self, conn: Connection, run_id: int, delta: RunStats) -> None:
-        conn.execute(_COUNT, {"run_id": run_id, "pages": delta.pages, "accepted": delta.accepted,
-                              "rejected": delta.rejected, "stale": delta.stale,
-                              "normalised": delta.normalised})
-
-    def _checkpoint(
-        self, conn: Connection, tenant: str, scope: Scope, checkpoint: Checkpoint, *,
-        run_id: int, now: datetime,
-    ) -> None:
-        conn.execute(_CHECKPOINT, {
-            "tenant_id": tenant, "scope": scope.value, "next_number": checkpoint.next_number,
-            "next_page": checkpoint.next_page, "next_cursor": checkpoint.next_cursor,
-            "run_id": run_id, "updated_at": now})
+    def _sqlite_page(
+        self, tenant: str, scope: Scope, records: Sequence[Accepted],
+        rejections: Sequence[Rejection], checkpoint: Checkpoint, *, run_id: int, page: str,
+        offered: int, normalised: int, now: datetime,
+    ) -> int:
+        """The page on the driver connection: four statements in one BEGIN … COMMIT."""
+        pooled = self.engine.raw_connection()
+        db: sqlite3.Connection = pooled.driver_connection  # type: ignore[assignment]
+        try:
+            db.execute("BEGIN")
+            before = db.total_changes
+            if records:
+                # A stale row's DO UPDATE ... WHERE changes nothing, so the connection's
+                # change counter counts exactly the rows applied.
+                db.executemany(upsert.statement(scope, "sqlite"), upsert.sqlite_rows(
+                    records, scope, tenant=tenant, run_id=run_id, now=now))
+            applied = int(db.total_changes - before)
+            if rejections:
+                db.executemany(upsert.SQLITE_REJECT, upsert.sqlite_rejections(
+                    rejections, scope, tenant=tenant, run_id=run_id, page=page, now=now))
+            db.execute(upsert.SQLITE_COUNT,
+                       (applied, len(rejections), offered - applied, normalised, run_id))
+            db.execute(upsert.SQLITE_CHECKPOINT, upsert.sqlite_checkpoint(
+                checkpoint, scope, tenant=tenant, run_id=run_id, now=now))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise _store_error(exc) from exc
+        finally:
+            pooled.close()
+        return applied
 
     def count_failed_ack(self, run_id: int) -> None:
         with self._begin() as conn:
@@ -396,21 +388,11 @@ class Store:
             ).scalar_one())
 
 
-# The two per-page bookkeeping statements, built once: constructing them with the
-# expression API on every page cost more than running them (issue #5).
-_COUNT = text(
-    "UPDATE runs SET pages = pages + :pages, accepted = accepted + :accepted, "
-    "rejected = rejected + :rejected, stale = stale + :stale, "
-    "normalised = normalised + :normalised WHERE id = :run_id"
-)
-_CHECKPOINT = text(
-    "INSERT INTO checkpoints (tenant_id, scope, next_number, next_page, next_cursor, run_id, "
-    "updated_at) VALUES (:tenant_id, :scope, :next_number, :next_page, :next_cursor, :run_id, "
-    ":updated_at) ON CONFLICT (tenant_id, scope) DO UPDATE SET "
-    "next_number = excluded.next_number, next_page = excluded.next_page, "
-    "next_cursor = excluded.next_cursor, run_id = excluded.run_id, "
-    "updated_at = excluded.updated_at"
-).bindparams(bindparam("updated_at", type_=schema.UtcDateTime()))
+def _store_error(exc: Exception) -> errors.StoreError:
+    return errors.StoreError(
+        f"{type(getattr(exc, 'orig', None) or exc).__name__}: {dberror.first_line(exc)} — "
+        f"nothing of this step was written; {dberror.hint(exc)}"
+    )
 
 
 def _sqlite_begin(conn: Connection) -> None:

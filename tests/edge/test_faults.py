@@ -264,6 +264,35 @@ async def test_redirect_is_not_followed(mock: respx.MockRouter, store_url: str) 
     assert "token=abc" not in str(info.value) and route.call_count == 1
 
 
+async def test_a_query_in_the_callback_or_commit_url_is_kept(
+    mock: respx.MockRouter, store_url: str, store: Store
+) -> None:
+    """A URL's own query (a region, a token) survives: the page's parameters are added to
+    it, and the acknowledgement goes to commit_url with its query intact."""
+    pages = mock.post(url__startswith=URL).mock(
+        return_value=httpx.Response(200, content=_page([make_customer(1)], more=False)))
+    acks = mock.post(url__startswith="https://tenant.test/ack").mock(
+        return_value=httpx.Response(200))
+    config = _config(store_url, url=f"{URL}?region=eu",
+                     commit_url="https://tenant.test/ack?token=t1")
+    result = await _pull(config, store, Sleeps())
+    assert result.status == "succeeded"
+    assert dict(pages.calls.last.request.url.params) == {"region": "eu", "page": "1",
+                                                         "page_size": "2"}
+    assert dict(acks.calls.last.request.url.params) == {"token": "t1"}
+
+
+@pytest.mark.parametrize("cursor", ["o50", "a b+c/d=e&f", "ünï", "x%20y"])
+async def test_page_parameters_are_encoded_as_httpx_encodes_them(
+    mock: respx.MockRouter, store_url: str, cursor: str
+) -> None:
+    """The query appended as text equals what httpx's own params encoding sends."""
+    route = mock.post(URL).mock(return_value=httpx.Response(200, content=_page([], more=False)))
+    await _fetch(_config(store_url), Sleeps(), PageRequest(number=2, page_size=2, cursor=cursor))
+    expected = httpx.Request("POST", URL, params={"page_size": "2", "cursor": cursor}).url
+    assert route.calls.last.request.url == expected
+
+
 async def test_request_carries_shop_body_headers_and_page_params(
     mock: respx.MockRouter, store_url: str
 ) -> None:

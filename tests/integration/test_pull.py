@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from puller import pipeline, schema
+from puller.config import TenantConfig
 from puller.domain import Checkpoint, Scope
 from puller.store import Store
 from puller.tenant_server import Fault, TenantServer, make_customer, timestamp
@@ -454,3 +456,31 @@ async def test_prefetch_is_bounded_and_queue_style_tenants_stay_sequential(
     if lag > 1:
         gets_before_first_ack = order.index(("ack", 1))
         assert gets_before_first_ack > 1, "pages were fetched ahead"
+
+
+class _BrokenSource:
+    """A page source with a defect: it raises something that is no PullerError."""
+
+    async def fetch_page(self, request: Any) -> bytes:
+        raise RuntimeError("a bug in the source")
+
+    async def acknowledge(self, ack: Any) -> None:
+        raise AssertionError("no page was fetched, so none is acknowledged")
+
+
+async def test_a_defect_fails_the_run_instead_of_hanging_it(store: Store) -> None:
+    """An unexpected exception while fetching ends the run as failed, saying what happened
+    and to report it; it never leaves the sweep waiting for a page forever."""
+    config = TenantConfig.model_validate({
+        "id": "acme", "shop": "acme.test",
+        "callbacks": {"customer": {"url": "https://tenant.test/c"}}})
+    job = pipeline.Job(tenant=config, scope=Scope.CUSTOMER)
+    with captured_logs() as events:
+        result = await asyncio.wait_for(pipeline.run_sweep(
+            job, source=_BrokenSource(), sink=store, clock=pipeline.SystemClock()), 10)
+    assert result.status == "failed"
+    assert result.error is not None
+    assert "internal error RuntimeError: a bug in the source" in result.error
+    assert "report it" in result.error
+    assert any(e["event"] == "run_crashed" for e in events)
+    assert store.list_runs(tenant="acme")[0]["status"] == "failed"

@@ -114,6 +114,29 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that keeps nothing: a tenant's Set-Cookie is never stored, so never
+    sent back to it or to a tenant sharing the client. It also skips httpx's cookie
+    extraction, which py-spy put at ~8% of a pull's GIL time."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+class _Client(httpx.AsyncClient):
+    """httpx's AsyncClient without cookie state (the callback protocol has no cookies)."""
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: Any) -> None:
+        raise AttributeError("puller's HTTP client keeps no cookies")
+
+
 def build_http_client(
     *, allow_private_networks: bool, ca_bundle: str | None = None, resolver: Resolver = resolve,
 ) -> httpx.AsyncClient:
@@ -132,7 +155,7 @@ def build_http_client(
         keepalive_expiry=5.0,
         network_backend=GuardedBackend(allow_private=allow_private_networks, resolver=resolver),
     )
-    return httpx.AsyncClient(
+    return _Client(
         transport=transport, follow_redirects=False, trust_env=False,
         headers={"User-Agent": USER_AGENT},
     )

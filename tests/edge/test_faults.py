@@ -307,3 +307,18 @@ async def test_request_carries_shop_body_headers_and_page_params(
     assert sent.headers["X-Api-Key"] == "k-1"
     assert sent.headers["Content-Type"] == "application/json"
     assert dict(sent.url.params) == {"page": "4", "page_size": "2"}
+
+
+async def test_a_tenants_cookie_is_never_kept_or_sent(
+    mock: respx.MockRouter, store_url: str, store: Store
+) -> None:
+    """Set-Cookie from a callback is ignored: the next request carries no Cookie header
+    (the protocol has no cookies, and the client may be shared with other tenants)."""
+    route = mock.post(URL).mock(side_effect=[
+        httpx.Response(200, content=_page([make_customer(1)], more=True),
+                       headers={"Set-Cookie": "session=s3cret; Path=/"}),
+        httpx.Response(200, content=_page([make_customer(2)], more=False)),
+    ])
+    result = await _pull(_config(store_url), store, Sleeps())
+    assert result.status == "succeeded"
+    assert [call.request.headers.get("Cookie") for call in route.calls] == [None, None]

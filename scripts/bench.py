@@ -1,7 +1,8 @@
 """Benchmark: puller end to end against a plain httpx loop, side by side in one run.
 
 Usage: scripts/bench [--records N] [--repeat R] [--page-sizes 50,500] [--no-postgres]
-                     [--profile] [--tenants T]
+                     [--modes page,cursor] [--tenants T] [--concurrency C]
+                     [--prefetch P] [--parallel-pages 1,4] [--latency-ms MS]
 
 Every measurement is a whole process (interpreter start included), timed from spawn to
 exit, peak RSS from wait4; each is repeated and the median reported. A fast tenant server
@@ -205,14 +206,15 @@ def count_stored(store: str, table: str) -> int:
 
 
 def puller_config(folder: Path, url: str, store: str, size: int, tenants: int,
-                  mode: str, prefetch: int | None) -> Path:
+                  mode: str, prefetch: int | None, parallel: int = 1) -> Path:
     path = folder / f"bench-{uuid.uuid4().hex[:6]}.yaml"
     lines = [f"store: {store}", "allow_private_networks: true", "tenants:"]
     for t in range(tenants):
         lines += [f"  - id: b{t}", "    shop: bench.example.com", "    callbacks:",
                   f"      customer: {{url: '{url}/b{t}/customers', pagination: {mode}, "
                   f"page_size: {size}, max_pages: 1000000"
-                  + (f", prefetch: {prefetch}" if prefetch is not None else "") + "}"]
+                  + (f", prefetch: {prefetch}" if prefetch is not None else "")
+                  + (f", parallel_pages: {parallel}" if parallel > 1 else "") + "}"]
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)  # puller warns about config files readable by others
     return path
@@ -228,6 +230,8 @@ def main() -> int:
     parser.add_argument("--tenants", type=int, default=1, help="tenants, records each")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--prefetch", type=int, default=None)
+    parser.add_argument("--parallel-pages", default="1",
+                        help="page requests in flight (page mode), e.g. 1,4 to compare")
     parser.add_argument("--latency-ms", type=float, default=0.0,
                         help="the tenant server waits this long before each page")
     parser.add_argument("--role", default="bench", help=argparse.SUPPRESS)
@@ -292,21 +296,25 @@ def _bench_size(me: list[str], url: str, folder: Path, size: int, stores: list[s
             if samples:
                 rows.append(_row("sequential loop + upsert + commit", store_kind, size, total,
                                  samples))
-        for mode in args.modes.split(","):
+        runs = [(mode, int(parallel)) for mode in args.modes.split(",")
+                for parallel in args.parallel_pages.split(",")
+                if mode == "page" or parallel == "1"]
+        for mode, parallel in runs:
             samples = []
             for _ in range(args.repeat):
                 store = _store(store_kind, folder)
                 if store is None:
                     break
                 config = puller_config(folder, url, store, size, args.tenants, mode,
-                                       args.prefetch)
+                                       args.prefetch, parallel)
                 samples.append(run([sys.executable, "-m", "puller", "--log-level", "warning",
                                     "pull", "--config", str(config), "--concurrency",
                                     str(args.concurrency)]))
                 _verify(store, "customers", total)
                 _dispose(store)
             if samples:
-                row = _row(f"puller pull ({mode})", store_kind, size, total, samples)
+                label = mode if parallel == 1 else f"{mode}, parallel_pages {parallel}"
+                row = _row(f"puller pull ({label})", store_kind, size, total, samples)
                 row["ratio"] = row["rec_s"] / plain_row["rec_s"]
                 rows.append(row)
     return rows

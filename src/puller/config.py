@@ -113,6 +113,22 @@ class CallbackConfig(_Frozen):
     max_page_bytes: int = Field(default=DEFAULT_MAX_PAGE_BYTES, ge=1024)
     timeout_s: DurationS = Field(default=DEFAULT_TIMEOUT_S, alias="timeout")
     prefetch: int | None = Field(default=None, ge=0, le=MAX_PREFETCH)
+    parallel_pages: int = Field(default=1, ge=1, le=MAX_PREFETCH + 1)
+
+    @model_validator(mode="after")
+    def _parallel(self) -> CallbackConfig:
+        if self.parallel_pages == 1:
+            return self
+        if self.pagination != "page":
+            raise ValueError("parallel_pages needs pagination: page (a cursor is known only "
+                             "from the page before it); remove parallel_pages")
+        if self.commit_url is not None:
+            raise ValueError("parallel_pages cannot be used with commit_url (each page is "
+                             "acknowledged before the next is asked for); remove one")
+        if self.prefetch is not None and self.prefetch < self.parallel_pages - 1:
+            raise ValueError(f"parallel_pages={self.parallel_pages} needs prefetch of at "
+                             f"least {self.parallel_pages - 1}, or no prefetch key")
+        return self
 
     @property
     def effective_prefetch(self) -> int:
@@ -123,7 +139,9 @@ class CallbackConfig(_Frozen):
         """
         if self.prefetch is not None:
             return self.prefetch
-        return 0 if self.commit_url else DEFAULT_PREFETCH
+        if self.commit_url:
+            return 0
+        return max(DEFAULT_PREFETCH, self.parallel_pages - 1)
 
     @field_validator("url")
     @classmethod

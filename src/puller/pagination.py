@@ -56,6 +56,14 @@ class Paginator:
             meta, where=where
         ))
 
+    def predict(self, current: PageRequest) -> PageRequest | None:
+        """In page mode, the request `advance` returns after `current` if the tenant says
+        there are more pages (parallel_pages asks for it before knowing); else None."""
+        if self.mode != "page" or current.number >= self.max_pages:
+            return None
+        number = current.number + 1
+        return PageRequest(number=number, page_size=self.page_size, page=number)
+
     def _next_cursor(self, meta: PageMeta, *, where: Where) -> str:
         cursor = meta.cursor
         if cursor is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
@@ -17,6 +18,7 @@ from puller.domain import (
     Ack,
     Checkpoint,
     Clock,
+    Envelope,
     PageOutcome,
     PageRequest,
     Rejection,
@@ -229,28 +231,101 @@ async def _produce(
     job: Job, paginator: pagination.Paginator, *, source: PageSource,
     ahead: asyncio.Queue[_Fetched | BaseException | None], slots: asyncio.Semaphore,
 ) -> None:
+    """Fetch pages in order into `ahead`, each holding a slot until it is applied.
+
+    With parallel_pages > 1 (page mode), the next page numbers are asked for before the
+    tenant has said they exist, up to that many requests in flight and within the free
+    slots. Pages are still handed on in order; when the sweep ends (or goes otherwise
+    than predicted) the requests asked beyond it are cancelled and their answers, errors
+    included, dropped.
+    """
+    width = job.callback.parallel_pages
+    window: collections.deque[tuple[PageRequest, asyncio.Task[_Downloaded]]] = (
+        collections.deque())
     request: PageRequest | None = paginator.first()
     try:
         while request is not None:
-            await slots.acquire()
+            if width == 1:  # one request at a time: no task per page
+                await slots.acquire()
+                downloaded = await _download(job, request, source)
+            else:
+                downloaded = await _next_in_window(job, request, paginator, source=source,
+                                                   window=window, slots=slots, width=width)
             with logs.bound(page=request.label):
-                fetched = await _fetch(job, request, paginator, source=source)
+                fetched = _in_order(job, request, downloaded, paginator)
             await ahead.put(fetched)
             request = fetched.following
+            if window and window[0][0] != request:
+                await _drop(window, slots)
         await ahead.put(_END)
     except Exception as exc:  # handed to the consumer, which raises it
         # Anything, not only a PullerError: a producer that died silently would leave the
         # consumer waiting for the next page forever.
         await ahead.put(exc)
+    finally:
+        await _drop(window, slots)
 
 
-async def _fetch(
+async def _next_in_window(
     job: Job, request: PageRequest, paginator: pagination.Paginator, *, source: PageSource,
-) -> _Fetched:
-    """fetch → parse → check → validate: everything before the page's transaction."""
+    window: collections.deque[tuple[PageRequest, asyncio.Task[_Downloaded]]],
+    slots: asyncio.Semaphore, width: int,
+) -> _Downloaded:
+    """`request`'s page, with up to `width` predicted requests in flight behind it."""
+    if not window:
+        await slots.acquire()
+        window.append((request, _download_task(job, request, source)))
+    while len(window) < width and not slots.locked():
+        guess = paginator.predict(window[-1][0])
+        if guess is None:
+            break
+        await slots.acquire()  # free (not locked): returns at once
+        window.append((guess, _download_task(job, guess, source)))
+    asked, task = window.popleft()
+    assert asked == request, (asked, request)
+    return await task
+
+
+async def _drop(
+    window: collections.deque[tuple[PageRequest, asyncio.Task[_Downloaded]]],
+    slots: asyncio.Semaphore,
+) -> None:
+    """Cancel requests asked ahead that are not needed; their answers are ignored."""
+    for _, task in window:
+        task.cancel()
+    await asyncio.gather(*(task for _, task in window), return_exceptions=True)
+    for _ in window:
+        slots.release()
+    window.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class _Downloaded:
+    envelope: Envelope
+    page: ValidatedPage
+
+
+def _download_task(job: Job, request: PageRequest, source: PageSource
+                   ) -> asyncio.Task[_Downloaded]:
+    return asyncio.create_task(_download(job, request, source))
+
+
+async def _download(job: Job, request: PageRequest, source: PageSource) -> _Downloaded:
+    """fetch → parse → validate: what can run ahead, out of order."""
+    with logs.bound(page=request.label):
+        body = await source.fetch_page(request)
+        envelope = protocol.parse_envelope(
+            body, where=Where(job.tenant.id, job.scope, request.label))
+        page = records.validate_page(job.scope, envelope.data,
+                                     normalize_case=job.tenant.normalize_case)
+    return _Downloaded(envelope, page)
+
+
+def _in_order(job: Job, request: PageRequest, downloaded: _Downloaded,
+              paginator: pagination.Paginator) -> _Fetched:
+    """The tenant's status, the meta check and the next request: in page order."""
     where = Where(job.tenant.id, job.scope, request.label)
-    body = await source.fetch_page(request)
-    envelope = protocol.parse_envelope(body, where=where)
+    envelope = downloaded.envelope
     if envelope.status is not None and envelope.status != protocol.SUCCESS:
         raise errors.TenantReportedError(
             tenant=where.tenant, scope=where.scope.value, page=where.page,
@@ -260,9 +335,7 @@ async def _fetch(
     if mismatch:
         logs.get_logger().warning("page_meta_mismatch", detail=mismatch)
     following = paginator.advance(request, envelope.meta, where=where)
-    page = records.validate_page(job.scope, envelope.data,
-                                 normalize_case=job.tenant.normalize_case)
-    return _Fetched(request=request, following=following, page=page,
+    return _Fetched(request=request, following=following, page=downloaded.page,
                     records=len(envelope.data))
 
 

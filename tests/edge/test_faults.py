@@ -322,3 +322,35 @@ async def test_a_tenants_cookie_is_never_kept_or_sent(
     result = await _pull(_config(store_url), store, Sleeps())
     assert result.status == "succeeded"
     assert [call.request.headers.get("Cookie") for call in route.calls] == [None, None]
+
+
+async def test_parallel_pages_drops_what_it_asked_beyond_the_end(
+    mock: respx.MockRouter, store_url: str, store: Store
+) -> None:
+    """Pages asked for ahead that turn out to lie beyond the end are dropped, even when the
+    tenant answers them with errors: the run succeeds with exactly the real pages."""
+    answers = {
+        "1": httpx.Response(200, content=_page([make_customer(1), make_customer(2)], more=True)),
+        "2": httpx.Response(200, content=_page([make_customer(3)], more=False)),
+        "3": httpx.Response(404, content=b"no such page"),
+        "4": httpx.Response(500, content=b"boom"),
+    }
+    route = mock.post(url__startswith=URL).mock(
+        side_effect=lambda request: answers[request.url.params["page"]])
+    config = _config(store_url, parallel_pages=4)
+    result = await _pull(config, store, Sleeps())
+    assert result.status == "succeeded", result.error
+    assert result.stats is not None and result.stats.pages == 2
+    assert _count(store) == 3
+    assert {c.request.url.params["page"] for c in route.calls} <= set(answers)
+
+
+@pytest.mark.parametrize(("callback", "problem"), [
+    ({"pagination": "cursor", "parallel_pages": 2}, "parallel_pages needs pagination: page"),
+    ({"commit_url": "https://tenant.test/ack", "parallel_pages": 2}, "cannot be used with"),
+    ({"prefetch": 1, "parallel_pages": 4}, "needs prefetch of at least 3"),
+])
+def test_parallel_pages_refuses_what_it_cannot_do(callback: dict[str, Any], problem: str) -> None:
+    """Cursor mode, commit_url, or too little prefetch: a config error saying what to change."""
+    with pytest.raises(ValueError, match=problem):
+        _config("sqlite:///unused.db", **callback)

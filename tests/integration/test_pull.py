@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import sqlalchemy as sa
 
 from puller import pipeline, schema
 from puller.config import TenantConfig
+from puller.records import validate_page
 from puller.domain import Checkpoint, Scope
 from puller.store import Store
 from puller.tenant_server import Fault, TenantServer, make_customer, timestamp
@@ -484,3 +487,47 @@ async def test_a_defect_fails_the_run_instead_of_hanging_it(store: Store) -> Non
     assert "report it" in result.error
     assert any(e["event"] == "run_crashed" for e in events)
     assert store.list_runs(tenant="acme")[0]["status"] == "failed"
+
+
+class _Overlap:
+    """A before_page hook that holds each request a moment and records the most at once."""
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+        self.active = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, scope: str, query: dict[str, str]) -> None:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        time.sleep(self.hold_s)
+        with self.lock:
+            self.active -= 1
+
+
+@BACKENDS
+async def test_parallel_pages_asks_ahead_and_applies_in_order(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """parallel_pages: 4 keeps up to 4 page requests in flight against a slow tenant;
+    pages are still applied in order, one transaction each, and nothing is asked twice
+    into the store; the requests asked beyond the last page are dropped."""
+    data = add_dataset(tenant_server, tenant_id, customers=95)
+    overlap = _Overlap(hold_s=0.05)
+    data.before_page = overlap
+    config = config_for(tenant_server, tenant_id, store=store_url,
+                        scopes={"customer": {"page_size": 5, "parallel_pages": 4}})
+    (result,) = await pull(config, store)
+    assert result.status == "succeeded", result.error
+    assert overlap.peak == 4
+    assert result.stats.pages == 19  # 95 / 5, each applied once
+    assert result.stats.accepted == len(validate_page(
+        Scope.CUSTOMER, data.records["customer"]).accepted)
+    assert store.count_records(tenant_id, Scope.CUSTOMER) == result.stats.accepted
+    assert store.load_checkpoint(tenant_id, Scope.CUSTOMER) == Checkpoint()
+    asked = [int(q["page"]) for path, q, _ in tenant_server.requests if path.endswith("/customers")]
+    assert set(range(1, 20)) <= set(asked)
+    assert len(asked) == len(set(asked)), "no page asked twice"
+    assert max(asked) <= 19 + 3, "at most parallel_pages - 1 asked beyond the end"

@@ -70,23 +70,6 @@ class Leases:
         """The autocommit connection holding this process's PostgreSQL lease, if any."""
         return self._held.get((tenant, scope.value))
 
-    def check(self, tenant: str, scope: Scope) -> None:
-        """Raise when this process's lease on (tenant, scope) died with its connection.
-
-        After a database restart another worker may take the lease: the run holding the
-        dead one must not write another page.
-        """
-        conn = self._held.get((tenant, scope.value))
-        if conn is None:
-            return
-        try:
-            conn.exec_driver_sql("SELECT 1")
-        except SQLAlchemyError as exc:
-            raise errors.StoreError(
-                f"the lease on tenant {tenant}, scope {scope.value} was lost with its "
-                f"database connection ({dberror.first_line(exc)}) — this run stops here; "
-                "the next run resumes at the checkpoint") from exc
-
     @contextmanager
     def _file_lock(self, name: str) -> Iterator[bool]:
         folder = self._lock_folder()

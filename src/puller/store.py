@@ -234,7 +234,6 @@ class Store:
         survivors, duplicates = merge.newest_per_id(accepted)
         offered = duplicates + len(survivors)  # every accepted record not applied is stale
         if self._dialect == "sqlite":
-            self._leases.check(tenant, scope)
             applied = self._sqlite_page(
                 tenant, scope, survivors, rejections, checkpoint, run_id=run_id, page=page,
                 offered=offered, normalised=normalised, now=now)

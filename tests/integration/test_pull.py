@@ -14,8 +14,8 @@ import sqlalchemy as sa
 
 from puller import pipeline, schema
 from puller.config import TenantConfig
-from puller.records import validate_page
 from puller.domain import Checkpoint, Scope
+from puller.records import validate_page
 from puller.store import Store
 from puller.tenant_server import Fault, TenantServer, make_customer, timestamp
 from tests.conftest import BACKENDS, add_dataset, captured_logs, config_for

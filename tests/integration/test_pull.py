@@ -527,7 +527,8 @@ async def test_parallel_pages_asks_ahead_and_applies_in_order(
         Scope.CUSTOMER, data.records["customer"]).accepted)
     assert store.count_records(tenant_id, Scope.CUSTOMER) == result.stats.accepted
     assert store.load_checkpoint(tenant_id, Scope.CUSTOMER) == Checkpoint()
-    asked = [int(q["page"]) for path, q, _ in tenant_server.requests if path.endswith("/customers")]
+    asked = [int(q["page"]) for path, q, _ in tenant_server.requests
+             if path == f"/{tenant_id}/customers"]
     assert set(range(1, 20)) <= set(asked)
     assert len(asked) == len(set(asked)), "no page asked twice"
     assert max(asked) <= 19 + 3, "at most parallel_pages - 1 asked beyond the end"

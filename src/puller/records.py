@@ -310,41 +310,42 @@ _FAST_TIME = (
 _I64 = 2**63
 
 
-def _text(max_length: int, pattern: str = _FAST_NOT_BLANK) -> object:
-    return Annotated[str, Strict(), StringConstraints(max_length=max_length, pattern=pattern)]
+_FastName = Annotated[str, Strict(), StringConstraints(max_length=100, pattern=_FAST_NOT_BLANK)]
+_FastId = (
+    Annotated[str, Strict(), StringConstraints(max_length=MAX_ID_CHARS, pattern=_FAST_NOT_BLANK)]
+    | Annotated[int, Strict(), Field(gt=-_I64, lt=_I64)]
+)
+_FastTime = Annotated[str, Strict(), StringConstraints(max_length=40, pattern=_FAST_TIME)]
 
 
-_FastId = _text(MAX_ID_CHARS) | Annotated[int, Strict(), Field(gt=-_I64, lt=_I64)]
-_FastTime = _text(40, _FAST_TIME)
+class _FastRecord(TypedDict):
+    last_modified_date: _FastTime
+    deleted_at: NotRequired[_FastTime | None]
 
 
 @with_config(ConfigDict(extra="allow"))
-class _FastCustomer(TypedDict):
-    customer_id: _FastId  # type: ignore[valid-type]
-    email: _text(255, _FAST_EMAIL)  # type: ignore[valid-type]
-    first_name: _text(100)  # type: ignore[valid-type]
-    last_name: _text(300)  # type: ignore[valid-type]
-    mobile: _text(20)  # type: ignore[valid-type]
-    language: _text(10, _LANGUAGE.pattern)  # type: ignore[valid-type]
+class _FastCustomer(_FastRecord):
+    customer_id: _FastId
+    email: Annotated[str, Strict(), StringConstraints(max_length=255, pattern=_FAST_EMAIL)]
+    first_name: _FastName
+    last_name: Annotated[str, Strict(),
+                         StringConstraints(max_length=300, pattern=_FAST_NOT_BLANK)]
+    mobile: Annotated[str, Strict(), StringConstraints(max_length=20, pattern=_FAST_NOT_BLANK)]
+    language: Annotated[str, Strict(),
+                        StringConstraints(max_length=10, pattern=_LANGUAGE.pattern)]
     consent: Literal["Yes", "No"]
     gender: Literal["Male", "Female"]
-    last_modified_date: _FastTime  # type: ignore[valid-type]
-    deleted_at: NotRequired[_FastTime | None]  # type: ignore[valid-type]
 
 
 @with_config(ConfigDict(extra="allow"))
-class _FastOrder(TypedDict):
-    order_id: _FastId  # type: ignore[valid-type]
-    customer_id: _FastId  # type: ignore[valid-type]
-    last_modified_date: _FastTime  # type: ignore[valid-type]
-    deleted_at: NotRequired[_FastTime | None]  # type: ignore[valid-type]
+class _FastOrder(_FastRecord):
+    order_id: _FastId
+    customer_id: _FastId
 
 
 @with_config(ConfigDict(extra="allow"))
-class _FastProduct(TypedDict):
-    product_id: _FastId  # type: ignore[valid-type]
-    last_modified_date: _FastTime  # type: ignore[valid-type]
-    deleted_at: NotRequired[_FastTime | None]  # type: ignore[valid-type]
+class _FastProduct(_FastRecord):
+    product_id: _FastId
 
 
 _FAST_TYPES: dict[Scope, type] = {
@@ -356,7 +357,8 @@ _fast_adapters: dict[Scope, TypeAdapter[list[dict[str, Any]]]] = {}
 def _fast_adapter(scope: Scope) -> TypeAdapter[list[dict[str, Any]]]:
     adapter = _fast_adapters.get(scope)
     if adapter is None:
-        adapter = _fast_adapters[scope] = TypeAdapter(list[_FAST_TYPES[scope]])  # type: ignore[valid-type]
+        adapter = _fast_adapters[scope] = TypeAdapter(
+            list[_FAST_TYPES[scope]])  # type: ignore[valid-type]
     return adapter
 
 
@@ -407,7 +409,7 @@ def _fast_payloads(scope: Scope, valid: list[dict[str, Any]],
     return accepted
 
 
-_DECLARED = frozenset(_FastCustomer.__annotations__)
+_DECLARED = _FastCustomer.__required_keys__ | _FastCustomer.__optional_keys__
 
 
 def _utc(value: str) -> datetime:

@@ -292,7 +292,7 @@ def _kind(value: object) -> str:
 # pydantic-core constraints run in Rust, a whole page in one call (~1.1 µs a customer).
 # They accept a subset of what the rules above accept, never more, and yield the same
 # values: a page they refuse goes to the path above, which decides and explains.
-# tests/unit/test_records.py checks the subset and the sameness on generated records.
+# tests/unit/test_properties.py checks the subset and the sameness on generated records.
 
 # Python's \s (str.isspace) is Rust's \s plus U+001C..U+001F (checked over every code point).
 _SPACE = r"\s\x1c-\x1f"

@@ -49,18 +49,19 @@ class Paginator:
                 f"max_pages={self.max_pages}; if the export is really this long, raise "
                 "max_pages, otherwise report the endless export to the tenant"
             )
-        number = current.number + 1
         if self.mode == "page":
-            return PageRequest(number=number, page_size=self.page_size, page=number)
-        return PageRequest(number=number, page_size=self.page_size, cursor=self._next_cursor(
-            meta, where=where
-        ))
+            return self._page_after(current)
+        return PageRequest(number=current.number + 1, page_size=self.page_size,
+                           cursor=self._next_cursor(meta, where=where))
 
     def predict(self, current: PageRequest) -> PageRequest | None:
         """In page mode, the request `advance` returns after `current` if the tenant says
         there are more pages (parallel_pages asks for it before knowing); else None."""
         if self.mode != "page" or current.number >= self.max_pages:
             return None
+        return self._page_after(current)
+
+    def _page_after(self, current: PageRequest) -> PageRequest:
         number = current.number + 1
         return PageRequest(number=number, page_size=self.page_size, page=number)
 

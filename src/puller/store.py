@@ -246,14 +246,14 @@ class Store:
             # transaction) when there is one: a lease lost with its connection fails the
             # write itself, so no page is written without the lease, at no extra round trip.
             leased = self._leases.connection(tenant, scope)
-            try:
-                if leased is not None:
+            if leased is None:  # a caller without the lease (tests, tools)
+                with self._begin() as conn:
+                    applied = int(conn.exec_driver_sql(sql, params).scalar_one())
+            else:
+                try:
                     applied = int(leased.exec_driver_sql(sql, params).scalar_one())
-                else:
-                    with self._begin() as conn:
-                        applied = int(conn.exec_driver_sql(sql, params).scalar_one())
-            except SQLAlchemyError as exc:
-                raise _store_error(exc) from exc
+                except SQLAlchemyError as exc:
+                    raise _store_error(exc) from exc
         return PageOutcome(applied=applied, stale=offered - applied, rejected=len(rejections))
 
     def _sqlite_page(

@@ -51,6 +51,9 @@ def serve(records: int, tenants: int, sizes: list[int], latency_s: float = 0.0) 
 
     people = [make_customer(i) for i in range(records)]
     rendered = {size: _render_pages(people, size) for size in sizes}
+    # With several tenants, "solo" serves all their records as one tenant, to compare.
+    everyone = people if tenants == 1 else [make_customer(i) for i in range(records * tenants)]
+    solo = {size: _render_pages(everyone, size) for size in sizes} if tenants > 1 else rendered
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -63,7 +66,7 @@ def serve(records: int, tenants: int, sizes: list[int], latency_s: float = 0.0) 
                 if length:
                     await reader.readexactly(length)
                 target = head.split(b" ", 2)[1].decode()
-                body = _lookup(rendered, target)
+                body = _lookup(solo if target.startswith("/solo/") else rendered, target)
                 if latency_s:  # a tenant's own work per page (database, rendering)
                     await asyncio.sleep(latency_s)
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -206,12 +209,13 @@ def count_stored(store: str, table: str) -> int:
 
 
 def puller_config(folder: Path, url: str, store: str, size: int, tenants: int,
-                  mode: str, prefetch: int | None, parallel: int = 1) -> Path:
+                  mode: str, prefetch: int | None, parallel: int = 1, *,
+                  names: list[str] | None = None) -> Path:
     path = folder / f"bench-{uuid.uuid4().hex[:6]}.yaml"
     lines = [f"store: {store}", "allow_private_networks: true", "tenants:"]
-    for t in range(tenants):
-        lines += [f"  - id: b{t}", "    shop: bench.example.com", "    callbacks:",
-                  f"      customer: {{url: '{url}/b{t}/customers', pagination: {mode}, "
+    for name in names or [f"b{t}" for t in range(tenants)]:
+        lines += [f"  - id: {name}", "    shop: bench.example.com", "    callbacks:",
+                  f"      customer: {{url: '{url}/{name}/customers', pagination: {mode}, "
                   f"page_size: {size}, max_pages: 1000000"
                   + (f", prefetch: {prefetch}" if prefetch is not None else "")
                   + (f", parallel_pages: {parallel}" if parallel > 1 else "") + "}"]
@@ -284,18 +288,7 @@ def _bench_size(me: list[str], url: str, folder: Path, size: int, stores: list[s
     rows.append(plain_row)
     for store_kind in stores:
         if args.tenants == 1:
-            samples = []
-            for _ in range(args.repeat):
-                store = _store(store_kind, folder)
-                if store is None:
-                    break
-                samples.append(run([*me, "--role", "naive", "--url", url, "--size", str(size),
-                                    "--store", store]))
-                _verify(store, "naive_customers", total)
-                _dispose(store)
-            if samples:
-                rows.append(_row("sequential loop + upsert + commit", store_kind, size, total,
-                                 samples))
+            rows += _naive(me, url, folder, size, store_kind, total, args)
         runs = [(mode, int(parallel)) for mode in args.modes.split(",")
                 for parallel in args.parallel_pages.split(",")
                 if mode == "page" or parallel == "1"]
@@ -317,7 +310,42 @@ def _bench_size(me: list[str], url: str, folder: Path, size: int, stores: list[s
                 row = _row(f"puller pull ({label})", store_kind, size, total, samples)
                 row["ratio"] = row["rec_s"] / plain_row["rec_s"]
                 rows.append(row)
+        if args.tenants > 1:
+            rows += _solo(url, folder, size, store_kind, total, args)
     return rows
+
+
+def _naive(me: list[str], url: str, folder: Path, size: int, store_kind: str, total: int,
+           args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The sequential fetch-then-store loop, no validation (one tenant only)."""
+    samples = []
+    for _ in range(args.repeat):
+        store = _store(store_kind, folder)
+        if store is None:
+            return []
+        samples.append(run([*me, "--role", "naive", "--url", url, "--size", str(size),
+                            "--store", store]))
+        _verify(store, "naive_customers", total)
+        _dispose(store)
+    return [_row("sequential loop + upsert + commit", store_kind, size, total, samples)]
+
+
+def _solo(url: str, folder: Path, size: int, store_kind: str, total: int,
+          args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One tenant with every tenant's records, in the same run: the single-tenant figure
+    that the many-tenant aggregate is held against."""
+    samples = []
+    for _ in range(args.repeat):
+        store = _store(store_kind, folder)
+        if store is None:
+            return []
+        config = puller_config(folder, url, store, size, 1, "page", args.prefetch,
+                               names=["solo"])
+        samples.append(run([sys.executable, "-m", "puller", "--log-level", "warning",
+                            "pull", "--config", str(config)]))
+        _verify(store, "customers", total)
+        _dispose(store)
+    return [_row(f"puller pull, one tenant of {total:,}", store_kind, size, total, samples)]
 
 
 def _store(kind: str, folder: Path) -> str | None:
@@ -366,7 +394,15 @@ def _targets(rows: list[dict[str, Any]], latency_ms: float) -> None:
         print("(targets are judged against the instant tenant: run without --latency-ms)")
         return
     for r in rows:
-        if "parallel_pages" in r["what"]:
+        if r["what"].startswith("puller pull, one tenant"):
+            many = [m for m in rows if m["what"] == "puller pull (page)"
+                    and m["store"] == r["store"] and m["page_size"] == r["page_size"]]
+            ratio = many[0]["rec_s"] / r["rec_s"]
+            verdict = "met" if ratio >= 1 else "NOT met"
+            print(f"target {r['store']} page {r['page_size']}: many tenants' aggregate ≥ one "
+                  f"tenant's — {ratio:.2f}x {verdict}")
+            continue
+        if "parallel_pages" in r["what"] or r["ratio"] is None:
             continue
         if r["what"].startswith("puller") and r["store"] == "sqlite":
             need = 0.6 if r["page_size"] <= 50 else 0.4

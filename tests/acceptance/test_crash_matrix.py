@@ -1,10 +1,11 @@
 """Crash matrix: SIGKILL `puller pull` at seeded random moments, then converge.
 
 Each trial: a tenant on the loopback server, a fresh store, 2-4 kills at random moments
-(some while an acknowledgement to commit_url is in flight, some after the tenant updated
-records), then runs to completion and a fresh sweep; the store must equal the source
-record by record: nothing lost, nothing doubled, the newest version everywhere, the
-checkpoint reset. CI runs a fixed seeded subset; `scripts/test --full` runs every trial.
+(some while an acknowledgement to commit_url is in flight, some with parallel_pages asking
+for later pages ahead, some after the tenant updated records), then runs to completion
+and a fresh sweep; the store must equal the source record by record: nothing lost,
+nothing doubled, the newest version everywhere, the checkpoint reset. CI runs a fixed
+seeded subset; `scripts/test --full` runs every trial.
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ def test_sigkill_at_random_moments_then_converge(tenant_server: TenantServer, te
     with_ack = seed % 3 == 0
     if with_ack:
         data.ack_delay_s = 0.05
-    callback = {"page_size": chance.choice([5, 10, 20]), "pagination": mode}
+    callback: dict[str, object] = {"page_size": chance.choice([5, 10, 20]), "pagination": mode}
     if with_ack:
         callback["commit_url"] = f"{tenant_server.url}/{tenant_id}/commit"
+    elif mode == "page" and seed % 3 == 1:  # kills while later pages are asked ahead
+        callback["parallel_pages"] = 3
     config = write_config(tmp_path, tenant_server, tenant_id, store_url=store_url,
                           scopes={"customer": callback})
     mutated = False

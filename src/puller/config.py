@@ -132,7 +132,8 @@ class CallbackConfig(_Frozen):
 
     @property
     def effective_prefetch(self) -> int:
-        """Pages fetched ahead of the one being stored: 2, or 0 with a commit_url.
+        """Pages fetched ahead of the one being stored: 2 (or parallel_pages - 1 if more),
+        or 0 with a commit_url.
 
         A tenant exporting "queue style" may expect each page acknowledged before the next
         request, so prefetch is off with a commit_url unless set explicitly.

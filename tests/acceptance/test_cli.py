@@ -43,6 +43,15 @@ def puller(*args: str, env: dict[str, str] | None = None,
                           text=True, timeout=timeout, env=_env(env), check=False)
 
 
+def kill_pull_after(config: Path, seconds: float) -> None:
+    """Start `puller pull --config CONFIG` and SIGKILL it after `seconds`."""
+    proc = subprocess.Popen([sys.executable, "-m", "puller", "pull", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    time.sleep(seconds)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PULLER_")}
     return {**env, **(extra or {})}
@@ -258,12 +267,7 @@ def test_sigkill_at_random_moments_converges(tenant_server: TenantServer, tenant
                           scopes={"customer": {"page_size": 20, "pagination": "cursor"}})
     chance = random.Random(20261125)
     for _ in range(4):
-        proc = subprocess.Popen([sys.executable, "-m", "puller", "pull", "--config",
-                                 str(config)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=_env())
-        time.sleep(chance.uniform(0.4, 1.4))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill_pull_after(config, chance.uniform(0.4, 1.4))
     data.page_delay_s = 0.0
     done = puller("pull", "--config", str(config))
     assert done.returncode == 0, done.stdout + done.stderr

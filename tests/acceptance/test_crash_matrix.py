@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +19,8 @@ import pytest
 from puller.tenant_server import TenantServer, timestamp
 from tests.acceptance.test_cli import (
     _checkpoint_page,
-    _env,
     assert_store_equals_source,
+    kill_pull_after,
     puller,
     runs,
     stored,
@@ -64,12 +60,7 @@ def test_sigkill_at_random_moments_then_converge(tenant_server: TenantServer, te
                           scopes={"customer": callback})
     mutated = False
     for _ in range(chance.randint(2, 4)):
-        proc = subprocess.Popen([sys.executable, "-m", "puller", "pull", "--config",
-                                 str(config)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=_env())
-        time.sleep(chance.uniform(0.3, 1.3))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill_pull_after(config, chance.uniform(0.3, 1.3))
         if chance.random() < 0.3:  # the tenant updates records between attempts
             for person in chance.sample(data.records["customer"], 3):
                 person["last_modified_date"] = timestamp(100_000 + chance.randint(0, 999))

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from puller import __version__, client, errors, logs, pipeline
+from puller import __version__, client, errors, fanout, logs, pipeline
 from puller.config import PullerConfig, load_config
 from puller.domain import PageOutcome, RunResult, Scope
 from puller.store import ScopeStatus, Store
@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                       help="runs at once across tenants (default %(default)s)")
     pull.add_argument("--json", action="store_true", help="print the summary as JSON")
+    pull.add_argument("--processes", type=_positive, default=1,
+                      help="split the tenants over this many pull processes, to use more "
+                      "cores (default %(default)s; see README, Performance)")
+    # A child of `--processes`: exactly these (tenant, scope) pairs, as TENANT:SCOPE.
+    pull.add_argument("--job", action="append", default=[], help=argparse.SUPPRESS)
     pull.set_defaults(handler=_cmd_pull)
 
     status = sub.add_parser("status", help="checkpoint and last run per tenant and scope")
@@ -170,10 +175,36 @@ def select_jobs(config: PullerConfig, tenants: Sequence[str], scopes: Sequence[s
     return jobs
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return value
+
+
+def _given_jobs(config: PullerConfig, given: Sequence[str]) -> list[pipeline.Job]:
+    """The jobs a `--processes` parent handed this child, as TENANT:SCOPE."""
+    jobs = []
+    for item in given:
+        tenant, _, scope = item.partition(":")
+        jobs.append(pipeline.Job(tenant=config.tenant(tenant), scope=Scope.parse(scope),
+                                 trigger="manual"))
+    return jobs
+
+
 def _cmd_pull(args: argparse.Namespace) -> int:
     config = read_config(args.config)
-    jobs = select_jobs(config, args.tenant, args.scope, trigger="manual")
+    if args.job:
+        jobs = _given_jobs(config, args.job)
+    else:
+        jobs = select_jobs(config, args.tenant, args.scope, trigger="manual")
+    # Opened here even with --processes: an empty store is created once, before any child.
     store = Store.open(config.store)
+    keys = [(job.tenant.id, job.scope.value) for job in jobs]
+    dealt = fanout.shares(keys, args.processes)
+    if len(dealt) > 1:
+        store.close()
+        return _pull_in_processes(args, dealt, keys)
     try:
         results = _run_loop(_pull(config, jobs, store, concurrency=max(1, args.concurrency)))
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -184,6 +215,28 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         store.close()
     _print_summary(results, as_json=args.json)
     return EXIT_OK if all(r.status == "succeeded" for r in results) else EXIT_FAILED
+
+
+def _pull_in_processes(args: argparse.Namespace, dealt: Sequence[Sequence[fanout.JobKey]],
+                       keys: Sequence[fanout.JobKey]) -> int:
+    per_child = -(-max(1, args.concurrency) // len(dealt))
+    logs.get_logger().info("pull_split", processes=len(dealt), concurrency_each=per_child,
+                           tenants=len({tenant for tenant, _ in keys}))
+    command = fanout.child_command(config=str(args.config), concurrency=per_child,
+                                   log_level=args.log_level, log_json=args.log_json)
+    outcome = fanout.pull_in_processes(command, dealt, keys)
+    if outcome.rows:
+        _print_pull_rows(outcome.rows, as_json=args.json)
+    for problem in outcome.problems:
+        print(f"puller: {problem}", file=sys.stderr)
+    if outcome.interrupted:
+        print("puller: interrupted — runs in flight were recorded as interrupted; the next "
+              "pull resumes at their checkpoints", file=sys.stderr)
+    if EXIT_USAGE in outcome.exit_codes:
+        return EXIT_USAGE
+    succeeded = all(row["status"] == "succeeded" for row in outcome.rows)
+    clean = not outcome.interrupted and all(code == 0 for code in outcome.exit_codes)
+    return EXIT_OK if succeeded and clean else EXIT_FAILED
 
 
 async def _pull(config: PullerConfig, jobs: Sequence[pipeline.Job], store: Store, *,
@@ -232,14 +285,18 @@ async def pull_now(
 
 
 def _print_summary(results: Sequence[RunResult], *, as_json: bool) -> None:
-    rows = [
+    _print_pull_rows([
         {"run_id": r.run_id, "tenant": r.tenant, "scope": r.scope.value, "status": r.status,
          "pages": r.stats.pages, "accepted": r.stats.accepted, "rejected": r.stats.rejected,
          "stale": r.stats.stale, "normalised": r.stats.normalised,
          "acks_failed": r.stats.acks_failed, "duration_s": round(r.duration_s, 3),
          "error": r.error}
         for r in results
-    ]
+    ], as_json=as_json)
+
+
+def _print_pull_rows(rows: Sequence[dict[str, Any]], *, as_json: bool) -> None:
+    """The pull summary: a table (errors below it), or JSON that `--processes` merges."""
     if as_json:
         sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
         return

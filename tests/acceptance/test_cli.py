@@ -43,13 +43,25 @@ def puller(*args: str, env: dict[str, str] | None = None,
                           text=True, timeout=timeout, env=_env(env), check=False)
 
 
-def kill_pull_after(config: Path, seconds: float) -> None:
-    """Start `puller pull --config CONFIG` and SIGKILL it after `seconds`."""
+def kill_pull_after(config: Path, seconds: float, *, server: TenantServer,
+                    tenant: str) -> None:
+    """Start `puller pull --config CONFIG` and SIGKILL it `seconds` after its first request
+    reaches the tenant: counted from there, not from the start, because interpreter
+    start-up alone varies from 0.3 to 2 s between machines and moments."""
+    before = _requests_of(server, tenant)
     proc = subprocess.Popen([sys.executable, "-m", "puller", "pull", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.monotonic() + 60
+    while (_requests_of(server, tenant) == before and proc.poll() is None
+           and time.monotonic() < deadline):
+        time.sleep(0.005)
     time.sleep(seconds)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def _requests_of(server: TenantServer, tenant: str) -> int:
+    return sum(1 for path, _, _ in server.requests if path.startswith(f"/{tenant}/"))
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -267,7 +279,7 @@ def test_sigkill_at_random_moments_converges(tenant_server: TenantServer, tenant
                           scopes={"customer": {"page_size": 20, "pagination": "cursor"}})
     chance = random.Random(20261125)
     for _ in range(4):
-        kill_pull_after(config, chance.uniform(0.4, 1.4))
+        kill_pull_after(config, chance.uniform(0.0, 0.9), server=tenant_server, tenant=tenant_id)
     data.page_delay_s = 0.0
     done = puller("pull", "--config", str(config))
     assert done.returncode == 0, done.stdout + done.stderr

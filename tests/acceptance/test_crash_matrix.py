@@ -60,7 +60,8 @@ def test_sigkill_at_random_moments_then_converge(tenant_server: TenantServer, te
                           scopes={"customer": callback})
     mutated = False
     for _ in range(chance.randint(2, 4)):
-        kill_pull_after(config, chance.uniform(0.3, 1.3))
+        kill_pull_after(config, chance.uniform(0.0, 1.0), server=tenant_server,
+                        tenant=tenant_id)
         if chance.random() < 0.3:  # the tenant updates records between attempts
             for person in chance.sample(data.records["customer"], 3):
                 person["last_modified_date"] = timestamp(100_000 + chance.randint(0, 999))

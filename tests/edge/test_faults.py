@@ -50,7 +50,8 @@ class Sleeps:
 
 @pytest.fixture
 def mock() -> Iterator[respx.MockRouter]:
-    with respx.mock(assert_all_called=False) as router:
+    # using="httpx": in front of whatever transport the client has (puller's is aiohttp).
+    with respx.mock(assert_all_called=False, using="httpx") as router:
         yield router
 
 

@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import httpcore
 import pytest
 
 from puller import client, errors
-from puller.client import GuardedBackend
+from puller.client import GuardedResolver
 from puller.config import PullerConfig
 from puller.domain import PageRequest, Scope
-
-
-class Recorder(httpcore.AsyncNetworkBackend):
-    """An inner backend that records where it was asked to connect, and connects nowhere."""
-
-    def __init__(self) -> None:
-        self.connected: list[str] = []
-
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109
-                          local_address: str | None = None,
-                          socket_options: Iterable[Any] | None = None,
-                          ) -> httpcore.AsyncNetworkStream:
-        self.connected.append(host)
-        raise httpcore.ConnectError("recorder: not connecting anywhere")
 
 
 def answers(*results: list[str]) -> Any:
@@ -46,42 +30,57 @@ def answers(*results: list[str]) -> Any:
          "public-plus-private", "mapped-metadata"],
 )
 async def test_a_host_resolving_to_a_forbidden_address_is_refused(addresses: list[str]) -> None:
-    """Any forbidden address among the answers refuses the connection; nothing connects."""
-    inner = Recorder()
-    guard = GuardedBackend(allow_private=False, resolver=answers(addresses), inner=inner)
+    """Any forbidden address among the answers refuses the connection: none is returned."""
+    guard = GuardedResolver(allow_private=False, resolver=answers(addresses))
     with pytest.raises(client._RefusedAddress) as info:
-        await guard.connect_tcp("tenant.example", 443)
-    assert info.value.address in addresses and inner.connected == []
+        await guard.resolve("tenant.example", 443)
+    assert info.value.address in addresses
 
 
 async def test_the_connection_goes_to_the_checked_address_not_the_name() -> None:
-    """The inner backend receives the IP that was checked, so DNS is not consulted again."""
-    inner = Recorder()
-    guard = GuardedBackend(allow_private=False, resolver=answers(["93.184.216.34"]), inner=inner)
-    with pytest.raises(httpcore.ConnectError):
-        await guard.connect_tcp("tenant.example", 443)
-    assert inner.connected == ["93.184.216.34"]
+    """aiohttp connects to the `host` of each answer: the checked IP, never the name again."""
+    guard = GuardedResolver(allow_private=False,
+                            resolver=answers(["93.184.216.34", "2606:2800:220:1::"]))
+    got = await guard.resolve("tenant.example", 443)
+    assert [(r["host"], r["hostname"], r["port"]) for r in got] == [
+        ("93.184.216.34", "tenant.example", 443), ("2606:2800:220:1::", "tenant.example", 443)]
 
 
 async def test_dns_rebinding_between_connections_is_caught() -> None:
     """A name that turns private after a first public answer is refused on the next connect."""
-    inner = Recorder()
-    guard = GuardedBackend(allow_private=False, inner=inner,
-                           resolver=answers(["93.184.216.34"], ["127.0.0.1"]))
-    with pytest.raises(httpcore.ConnectError):
-        await guard.connect_tcp("rebind.example", 443)
+    guard = GuardedResolver(allow_private=False,
+                            resolver=answers(["93.184.216.34"], ["127.0.0.1"]))
+    assert [r["host"] for r in await guard.resolve("rebind.example", 443)] == ["93.184.216.34"]
     with pytest.raises(client._RefusedAddress):
-        await guard.connect_tcp("rebind.example", 443)
-    assert inner.connected == ["93.184.216.34"]
+        await guard.resolve("rebind.example", 443)
 
 
 async def test_allow_private_networks_lets_loopback_through() -> None:
     """With allow_private_networks the guard lets private addresses connect."""
-    inner = Recorder()
-    guard = GuardedBackend(allow_private=True, resolver=answers(["127.0.0.1"]), inner=inner)
-    with pytest.raises(httpcore.ConnectError):
-        await guard.connect_tcp("localhost", 80)
-    assert inner.connected == ["127.0.0.1"]
+    guard = GuardedResolver(allow_private=True, resolver=answers(["127.0.0.1"]))
+    assert [r["host"] for r in await guard.resolve("localhost", 80)] == ["127.0.0.1"]
+
+
+def _source(http: Any, url: str) -> client.CallbackSource:
+    config = PullerConfig.model_validate({"tenants": [{"id": "acme", "shop": "s", "callbacks": {
+        "customer": {"url": url}}}]})
+    tenant = config.tenants[0]
+    return client.CallbackSource(http, tenant=tenant, scope=Scope.CUSTOMER,
+                                 callback=tenant.callbacks[Scope.CUSTOMER], policy=config.retry)
+
+
+@pytest.mark.parametrize("url", ["http://169.254.169.254/latest", "http://127.0.0.1:9/x",
+                                 "http://[::1]:9/x", "http://10.0.0.1/x"],
+                         ids=["metadata", "loopback", "ipv6-loopback", "private"])
+async def test_an_ip_literal_url_is_refused_without_a_resolver(url: str) -> None:
+    """An IP in the URL never reaches a resolver (aiohttp skips it): the transport refuses."""
+    async def no_dns(host: str, port: int) -> list[str]:
+        raise AssertionError("an IP literal must not be resolved")
+
+    async with client.build_http_client(allow_private_networks=False, resolver=no_dns) as http:
+        with pytest.raises(errors.ForbiddenAddressError) as info:
+            await _source(http, url).fetch_page(PageRequest(number=1, page_size=10, page=1))
+    assert "allow_private_networks" in str(info.value)
 
 
 async def test_a_refusal_is_a_terminal_error_naming_host_address_and_the_switch() -> None:

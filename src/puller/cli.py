@@ -75,8 +75,6 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--processes", type=_positive, default=1,
                       help="split the tenants over this many pull processes, to use more "
                       "cores (default %(default)s; see README, Performance)")
-    # A child of `--processes`: exactly these (tenant, scope) pairs, as TENANT:SCOPE.
-    pull.add_argument("--job", action="append", default=[], help=argparse.SUPPRESS)
     pull.set_defaults(handler=_cmd_pull)
 
     status = sub.add_parser("status", help="checkpoint and last run per tenant and scope")
@@ -182,56 +180,66 @@ def _positive(text: str) -> int:
     return value
 
 
-def _given_jobs(config: PullerConfig, given: Sequence[str]) -> list[pipeline.Job]:
-    """The jobs a `--processes` parent handed this child, as TENANT:SCOPE."""
-    jobs = []
-    for item in given:
-        tenant, _, scope = item.partition(":")
-        jobs.append(pipeline.Job(tenant=config.tenant(tenant), scope=Scope.parse(scope),
-                                 trigger="manual"))
-    return jobs
-
-
 def _cmd_pull(args: argparse.Namespace) -> int:
     config = read_config(args.config)
-    if args.job:
-        jobs = _given_jobs(config, args.job)
-    else:
-        jobs = select_jobs(config, args.tenant, args.scope, trigger="manual")
+    jobs = select_jobs(config, args.tenant, args.scope, trigger="manual")
     # Opened here even with --processes: an empty store is created once, before any child.
     store = Store.open(config.store)
     keys = [(job.tenant.id, job.scope.value) for job in jobs]
     dealt = fanout.shares(keys, args.processes)
     if len(dealt) > 1:
-        store.close()
-        return _pull_in_processes(args, dealt, keys)
+        store.close()  # no connection crosses a fork
+        return _pull_in_processes(args, config, jobs, dealt)
     try:
         results = _run_loop(_pull(config, jobs, store, concurrency=max(1, args.concurrency)))
     except (KeyboardInterrupt, asyncio.CancelledError):
-        print("puller: interrupted — runs in flight were recorded as interrupted; the next "
-              "pull resumes at their checkpoints", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return EXIT_FAILED
     finally:
         store.close()
-    _print_summary(results, as_json=args.json)
+    _print_pull_rows(_summary_rows(results), as_json=args.json)
     return EXIT_OK if all(r.status == "succeeded" for r in results) else EXIT_FAILED
 
 
-def _pull_in_processes(args: argparse.Namespace, dealt: Sequence[Sequence[fanout.JobKey]],
-                       keys: Sequence[fanout.JobKey]) -> int:
+INTERRUPTED = ("puller: interrupted — runs in flight were recorded as interrupted; the next "
+               "pull resumes at their checkpoints")
+
+
+def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,
+                       jobs: Sequence[pipeline.Job],
+                       dealt: Sequence[Sequence[fanout.JobKey]]) -> int:
     per_child = -(-max(1, args.concurrency) // len(dealt))
+    by_key = {(job.tenant.id, job.scope.value): job for job in jobs}
     logs.get_logger().info("pull_split", processes=len(dealt), concurrency_each=per_child,
-                           tenants=len({tenant for tenant, _ in keys}))
-    command = fanout.child_command(config=str(args.config), concurrency=per_child,
-                                   log_level=args.log_level, log_json=args.log_json)
-    outcome = fanout.pull_in_processes(command, dealt, keys)
+                           tenants=len({job.tenant.id for job in jobs}))
+
+    def run_share(share: Sequence[fanout.JobKey]) -> tuple[int, list[dict[str, Any]]]:
+        """In a forked child: pull these jobs as a lone `pull` would, without a progress bar."""
+        try:
+            store = Store.open(config.store)
+            try:
+                results = _run_loop(_pull(config, [by_key[key] for key in share], store,
+                                          concurrency=per_child, live=False))
+            finally:
+                store.close()
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            return EXIT_FAILED, []
+        except errors.ConfigError as exc:
+            print(f"puller: {exc}", file=sys.stderr)
+            return EXIT_USAGE, []
+        except errors.PullerError as exc:
+            print(f"puller: {exc}", file=sys.stderr)
+            return EXIT_FAILED, []
+        ok = all(r.status == "succeeded" for r in results)
+        return (EXIT_OK if ok else EXIT_FAILED), _summary_rows(results)
+
+    outcome = fanout.pull_in_processes(dealt, list(by_key), run_share)
     if outcome.rows:
         _print_pull_rows(outcome.rows, as_json=args.json)
     for problem in outcome.problems:
         print(f"puller: {problem}", file=sys.stderr)
     if outcome.interrupted:
-        print("puller: interrupted — runs in flight were recorded as interrupted; the next "
-              "pull resumes at their checkpoints", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
     if EXIT_USAGE in outcome.exit_codes:
         return EXIT_USAGE
     succeeded = all(row["status"] == "succeeded" for row in outcome.rows)
@@ -240,12 +248,12 @@ def _pull_in_processes(args: argparse.Namespace, dealt: Sequence[Sequence[fanout
 
 
 async def _pull(config: PullerConfig, jobs: Sequence[pipeline.Job], store: Store, *,
-                concurrency: int) -> list[RunResult]:
+                concurrency: int, live: bool = True) -> list[RunResult]:
     main_task = asyncio.current_task()
     if main_task is not None:
         # SIGTERM from cron/systemd: cancel like Ctrl-C, so runs are recorded as interrupted.
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    if not sys.stdout.isatty():
+    if not (live and sys.stdout.isatty()):
         return await pull_now(config, jobs, store, concurrency=concurrency)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"),
                   TextColumn("{task.completed} pages · {task.fields[records]} records"),
@@ -284,15 +292,15 @@ async def pull_now(
         return await pipeline.run_all(jobs, run_one, max_concurrent=concurrency)
 
 
-def _print_summary(results: Sequence[RunResult], *, as_json: bool) -> None:
-    _print_pull_rows([
+def _summary_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    return [
         {"run_id": r.run_id, "tenant": r.tenant, "scope": r.scope.value, "status": r.status,
          "pages": r.stats.pages, "accepted": r.stats.accepted, "rejected": r.stats.rejected,
          "stale": r.stats.stale, "normalised": r.stats.normalised,
          "acks_failed": r.stats.acks_failed, "duration_s": round(r.duration_s, 3),
          "error": r.error}
         for r in results
-    ], as_json=as_json)
+    ]
 
 
 def _print_pull_rows(rows: Sequence[dict[str, Any]], *, as_json: bool) -> None:

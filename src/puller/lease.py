@@ -23,7 +23,12 @@ from puller import dberror, errors
 from puller.domain import Scope
 
 LEASE_CLASS = 0x70756C6C  # "pull": the first key of puller's PostgreSQL advisory locks
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"[:100]
+
+
+def worker_id() -> str:
+    """host:pid of this process, asked each time: a forked `pull --processes` child has
+    its own pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"[:100]
 
 
 class Leases:
@@ -113,7 +118,7 @@ class Leases:
                 "to run several") from None
         handle.seek(0)
         handle.truncate()
-        handle.write(WORKER_ID)
+        handle.write(worker_id())
         handle.flush()
         self._worker_lock = handle  # held (and the lock with it) until the process ends
 

@@ -37,7 +37,7 @@ from puller.domain import (
     RunStatus,
     Scope,
 )
-from puller.lease import LEASE_CLASS, WORKER_ID, Leases
+from puller.lease import LEASE_CLASS, Leases, worker_id
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 PG_POOL_SIZE = 10
@@ -199,7 +199,7 @@ class Store:
                 schema.runs.insert().returning(schema.runs.c.id).values(
                     tenant_id=tenant, scope=scope.value, trigger=trigger, status="running",
                     started_at=now, pages=0, accepted=0, rejected=0, stale=0, normalised=0,
-                    acks_failed=0, worker=WORKER_ID,
+                    acks_failed=0, worker=worker_id(),
                 )
             ).scalar_one()
             return int(run_id)

@@ -304,7 +304,7 @@ def _summary_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
 
 
 def _print_pull_rows(rows: Sequence[dict[str, Any]], *, as_json: bool) -> None:
-    """The pull summary: a table (errors below it), or JSON that `--processes` merges."""
+    """The pull summary: a table with the errors below it, or JSON (`--json`)."""
     if as_json:
         sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
         return

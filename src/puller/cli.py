@@ -11,17 +11,22 @@ from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import orjson
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from puller import __version__, client, errors, fanout, logs, pipeline
+from puller import __version__, errors, fanout, logs, pipeline
 from puller.config import PullerConfig, load_config
 from puller.domain import PageOutcome, RunResult, Scope
 from puller.store import ScopeStatus, Store
+
+if TYPE_CHECKING:
+    # Imported where HTTP is needed: aiohttp's import alone is ~0.25 s that `status`,
+    # `runs` and the other store commands do not need.
+    from puller import client
 
 T = TypeVar("T")
 
@@ -29,6 +34,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 DEFAULT_CONCURRENCY = 8
+INTERRUPTED = ("puller: interrupted — runs in flight were recorded as interrupted; the next "
+               "pull resumes at their checkpoints")
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -188,6 +195,8 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     keys = [(job.tenant.id, job.scope.value) for job in jobs]
     dealt = fanout.shares(keys, args.processes)
     if len(dealt) > 1:
+        from puller import client  # noqa: F401, PLC0415 - once before the fork, not per child
+
         store.close()  # no connection crosses a fork
         return _pull_in_processes(args, config, jobs, dealt)
     try:
@@ -199,10 +208,6 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         store.close()
     _print_pull_rows(_summary_rows(results), as_json=args.json)
     return EXIT_OK if all(r.status == "succeeded" for r in results) else EXIT_FAILED
-
-
-INTERRUPTED = ("puller: interrupted — runs in flight were recorded as interrupted; the next "
-               "pull resumes at their checkpoints")
 
 
 def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,
@@ -275,6 +280,8 @@ async def pull_now(
     sleep: client.Sleep = asyncio.sleep, on_page: pipeline.PageHook | None = None,
 ) -> list[RunResult]:
     """Pull the jobs once with a fresh HTTP client; every run's result, failed ones included."""
+    from puller import client  # noqa: PLC0415 - lazy: only pulls need HTTP
+
     clock = pipeline.SystemClock()
     async with client.HttpClients(allow_private_networks=config.allow_private_networks) as http:
         for job in jobs:  # a bad ca_bundle is a config error before anything runs
@@ -356,7 +363,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 async def _serve(config: PullerConfig, path: Path, store: Store) -> None:
     # Imported here: APScheduler and prometheus-client are start-up cost `pull` never needs.
-    from puller import worker  # noqa: PLC0415 - lazy: only `run` needs it
+    from puller import client, worker  # noqa: PLC0415 - lazy: only `run` needs them
 
     async with client.HttpClients(allow_private_networks=config.allow_private_networks) as http:
         serving = worker.Worker(config, load_config=lambda: read_config(path), store=store,

@@ -26,7 +26,7 @@ from puller.store import ScopeStatus, Store
 if TYPE_CHECKING:
     # Imported where HTTP is needed: aiohttp's import alone is ~0.25 s that `status`,
     # `runs` and the other store commands do not need.
-    from puller import client
+    from puller import client, fetcher
 
 T = TypeVar("T")
 
@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--processes", type=_positive, default=1,
                       help="split the tenants over this many pull processes, to use more "
                       "cores (default %(default)s; see README, Performance)")
+    pull.add_argument("--fetch-process", action="store_true",
+                      help="fetch, parse and validate pages in a second process, so that a "
+                      "large tenant uses two cores (see README, Performance)")
     pull.set_defaults(handler=_cmd_pull)
 
     status = sub.add_parser("status", help="checkpoint and last run per tenant and scope")
@@ -194,20 +197,37 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     store = Store.open(config.store)
     keys = [(job.tenant.id, job.scope.value) for job in jobs]
     dealt = fanout.shares(keys, args.processes)
-    if len(dealt) > 1:
+    if len(dealt) > 1 or args.fetch_process:
         from puller import client  # noqa: F401, PLC0415 - once before the fork, not per child
 
         store.close()  # no connection crosses a fork
+    if len(dealt) > 1:
         return _pull_in_processes(args, config, jobs, dealt)
+    fetch = _fetch_process(config, jobs) if args.fetch_process else None
     try:
-        results = _run_loop(_pull(config, jobs, store, concurrency=max(1, args.concurrency)))
+        if fetch is not None:
+            store = Store.open(config.store)
+        results = _run_loop(_pull(config, jobs, store, concurrency=max(1, args.concurrency),
+                                  feeds=None if fetch is None else fetch.feed))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(INTERRUPTED, file=sys.stderr)
         return EXIT_FAILED
     finally:
         store.close()
+        if fetch is not None:
+            fetch.close()
     _print_pull_rows(_summary_rows(results), as_json=args.json)
     return EXIT_OK if all(r.status == "succeeded" for r in results) else EXIT_FAILED
+
+
+def _fetch_process(config: PullerConfig, jobs: Sequence[pipeline.Job]) -> fetcher.FetchProcess:
+    """`--fetch-process`: forked before the event loop and the store's connections."""
+    from puller import fetcher  # noqa: PLC0415 - lazy, as client
+
+    def run_loop(main: Coroutine[Any, Any, None]) -> None:
+        _run_loop(main)
+
+    return fetcher.FetchProcess.start(jobs, config, run_loop=run_loop)
 
 
 def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,
@@ -220,13 +240,20 @@ def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,
 
     def run_share(share: Sequence[fanout.JobKey]) -> tuple[int, list[dict[str, Any]]]:
         """In a forked child: pull these jobs as a lone `pull` would, without a progress bar."""
+        mine = [by_key[key] for key in share]
         try:
-            store = Store.open(config.store)
+            fetch = _fetch_process(config, mine) if args.fetch_process else None
             try:
-                results = _run_loop(_pull(config, [by_key[key] for key in share], store,
-                                          concurrency=per_child, live=False))
+                store = Store.open(config.store)
+                try:
+                    results = _run_loop(_pull(config, mine, store, concurrency=per_child,
+                                              live=False,
+                                              feeds=None if fetch is None else fetch.feed))
+                finally:
+                    store.close()
             finally:
-                store.close()
+                if fetch is not None:
+                    fetch.close()
         except (KeyboardInterrupt, asyncio.CancelledError):
             return EXIT_FAILED, []
         except errors.ConfigError as exc:
@@ -253,13 +280,14 @@ def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,
 
 
 async def _pull(config: PullerConfig, jobs: Sequence[pipeline.Job], store: Store, *,
-                concurrency: int, live: bool = True) -> list[RunResult]:
+                concurrency: int, live: bool = True,
+                feeds: pipeline.FeedFactory | None = None) -> list[RunResult]:
     main_task = asyncio.current_task()
     if main_task is not None:
         # SIGTERM from cron/systemd: cancel like Ctrl-C, so runs are recorded as interrupted.
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     if not (live and sys.stdout.isatty()):
-        return await pull_now(config, jobs, store, concurrency=concurrency)
+        return await pull_now(config, jobs, store, concurrency=concurrency, feeds=feeds)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"),
                   TextColumn("{task.completed} pages · {task.fields[records]} records"),
                   TimeElapsedColumn(), transient=True) as progress:
@@ -272,14 +300,17 @@ async def _pull(config: PullerConfig, jobs: Sequence[pipeline.Job], store: Store
             seen[bar] = seen.get(bar, 0) + outcome.applied + outcome.stale + outcome.rejected
             progress.update(bar, advance=1, records=seen[bar])
 
-        return await pull_now(config, jobs, store, concurrency=concurrency, on_page=on_page)
+        return await pull_now(config, jobs, store, concurrency=concurrency, on_page=on_page,
+                              feeds=feeds)
 
 
 async def pull_now(
     config: PullerConfig, jobs: Sequence[pipeline.Job], store: Store, *, concurrency: int,
     sleep: client.Sleep = asyncio.sleep, on_page: pipeline.PageHook | None = None,
+    feeds: pipeline.FeedFactory | None = None,
 ) -> list[RunResult]:
-    """Pull the jobs once with a fresh HTTP client; every run's result, failed ones included."""
+    """Pull the jobs once with a fresh HTTP client; every run's result, failed ones included.
+    `feeds`: where pages are fetched (the fetch process); by default in this process."""
     from puller import client  # noqa: PLC0415 - lazy: only pulls need HTTP
 
     clock = pipeline.SystemClock()
@@ -294,7 +325,7 @@ async def pull_now(
                 policy=config.retry, sleep=sleep,
             )
             return await pipeline.run_sweep(job, source=source, sink=store, clock=clock,
-                                            on_page=on_page)
+                                            on_page=on_page, feeds=feeds)
 
         return await pipeline.run_all(jobs, run_one, max_concurrent=concurrency)
 

@@ -178,3 +178,8 @@ class AckError(PullerError):
             "the page is stored and stays stored; the tenant may resend those records, "
             "which newest-wins makes harmless"
         )
+
+
+class FetchProcessError(PullerError):
+    """A sweep's fetching failed in the fetch process (`pull --fetch-process`): the message
+    is the failure's own, as a pull without the option would report it."""

@@ -98,14 +98,15 @@ class _StopRequested(Exception):
 async def run_sweep(
     job: Job, *, source: PageSource, sink: PageSink, clock: Clock,
     on_page: PageHook | None = None, should_stop: StopCheck | None = None,
-    done_since: datetime | None = None,
+    done_since: datetime | None = None, feeds: FeedFactory | None = None,
 ) -> RunResult:
     """Pull one (tenant, scope) under its lease, from its checkpoint to the end of the sweep.
 
     Skipped (no run row) when another process holds the lease, or when a run that began
     after `done_since` already completed (another worker took this period's turn).
     `should_stop` is asked after every committed page: a graceful shutdown lets the page in
-    flight finish its transaction, then ends the run as `interrupted`.
+    flight finish its transaction, then ends the run as `interrupted`. `feeds` fetches
+    elsewhere (fetcher.FetchProcess); by default a task of this loop fetches (LocalFeed).
     """
     lease = sink.lease(job.tenant.id, job.scope)
     held = await asyncio.to_thread(lease.__enter__)
@@ -117,7 +118,7 @@ async def run_sweep(
             if last is not None and last >= done_since:
                 return _skipped(job, f"another worker already pulled it at {last:%H:%M:%S}")
         return await _leased_sweep(job, source=source, sink=sink, clock=clock,
-                                   on_page=on_page, should_stop=should_stop)
+                                   on_page=on_page, should_stop=should_stop, feeds=feeds)
     finally:
         await asyncio.shield(asyncio.to_thread(lease.__exit__, None, None, None))
 
@@ -131,7 +132,7 @@ def _skipped(job: Job, reason: str) -> RunResult:
 
 async def _leased_sweep(
     job: Job, *, source: PageSource, sink: PageSink, clock: Clock,
-    on_page: PageHook | None, should_stop: StopCheck | None,
+    on_page: PageHook | None, should_stop: StopCheck | None, feeds: FeedFactory | None,
 ) -> RunResult:
     log = logs.get_logger()
     started = clock.monotonic()
@@ -144,7 +145,7 @@ async def _leased_sweep(
         log.info("run_started", trigger=job.trigger)
         try:
             await _sweep(job, run_id, source=source, sink=sink, clock=clock, on_page=on_page,
-                         should_stop=should_stop)
+                         should_stop=should_stop, feeds=feeds)
         except _StopRequested:
             status, error = "interrupted", _INTERRUPTED
         except errors.PullerError as exc:
@@ -177,7 +178,7 @@ _INTERRUPTED = "interrupted (shutdown or signal); the next run resumes at the ch
 
 
 @dataclass(frozen=True, slots=True)
-class _Fetched:
+class Fetched:
     """A page fetched, parsed and validated ahead of being applied."""
 
     request: PageRequest
@@ -186,12 +187,67 @@ class _Fetched:
     records: int
 
 
-_END = None
+class PageFeed(Protocol):
+    """Pages fetched ahead of the sweep, in order, at most `prefetch + 1` not yet applied."""
+
+    async def next(self) -> Fetched | None:
+        """The next page; None after the last. Raises what fetching it raised."""
+        ...
+
+    def applied(self) -> None:
+        """The page last returned is applied: one more may be fetched ahead."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop fetching; pages asked ahead are dropped."""
+        ...
+
+
+#: a feed for (job, its starting checkpoint, the run's id); LocalFeed unless given
+FeedFactory = Callable[[Job, Checkpoint, int], PageFeed]
+
+
+class Ahead(Protocol):
+    """Where `produce` hands pages on, in order: a page, an exception, or None at the end."""
+
+    async def put(self, item: Fetched | BaseException | None) -> None: ...
+
+
+def paginator_for(callback: CallbackConfig, start: Checkpoint) -> pagination.Paginator:
+    return pagination.Paginator(mode=callback.pagination, page_size=callback.page_size,
+                                max_pages=callback.max_pages, start=start)
+
+
+class LocalFeed:
+    """Fetching in a task of this event loop, beside the sweep that applies."""
+
+    def __init__(self, job: Job, start: Checkpoint, source: PageSource) -> None:
+        # At most prefetch + 1 pages are fetched and not yet applied (memory stays flat);
+        # with prefetch 0 the next request waits until the page before is applied and
+        # acknowledged.
+        self._slots = asyncio.Semaphore(job.callback.effective_prefetch + 1)
+        self._ahead: asyncio.Queue[Fetched | BaseException | None] = asyncio.Queue()
+        self._producer = asyncio.create_task(produce(
+            job, paginator_for(job.callback, start), source=source, ahead=self._ahead,
+            slots=self._slots))
+
+    async def next(self) -> Fetched | None:
+        item = await self._ahead.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def applied(self) -> None:
+        self._slots.release()
+
+    async def aclose(self) -> None:
+        self._producer.cancel()
+        await asyncio.gather(self._producer, return_exceptions=True)
 
 
 async def _sweep(
     job: Job, run_id: int, *, source: PageSource, sink: PageSink, clock: Clock,
-    on_page: PageHook | None, should_stop: StopCheck | None,
+    on_page: PageHook | None, should_stop: StopCheck | None, feeds: FeedFactory | None,
 ) -> None:
     """Apply pages in order while a producer fetches up to `prefetch` pages ahead.
 
@@ -199,37 +255,23 @@ async def _sweep(
     in order, the checkpoint with the page; a failure found ahead is raised only after
     every page before it was applied.
     """
-    callback = job.callback
     start = await asyncio.to_thread(sink.load_checkpoint, job.tenant.id, job.scope)
-    paginator = pagination.Paginator(
-        mode=callback.pagination, page_size=callback.page_size, max_pages=callback.max_pages,
-        start=start,
-    )
-    # At most prefetch + 1 pages are fetched and not yet applied (memory stays flat); with
-    # prefetch 0 the next request waits until the page before is applied and acknowledged.
-    slots = asyncio.Semaphore(callback.effective_prefetch + 1)
-    ahead: asyncio.Queue[_Fetched | BaseException | None] = asyncio.Queue()
-    producer = asyncio.create_task(
-        _produce(job, paginator, source=source, ahead=ahead, slots=slots))
+    feed = LocalFeed(job, start, source) if feeds is None else feeds(job, start, run_id)
     try:
-        while (item := await ahead.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            assert isinstance(item, _Fetched)
+        while (item := await feed.next()) is not None:
             with logs.bound(page=item.request.label):
                 await _apply(job, run_id, item, source=source, sink=sink, clock=clock,
                              on_page=on_page)
-            slots.release()
+            feed.applied()
             if item.following is not None and should_stop is not None and should_stop():
                 raise _StopRequested
     finally:
-        producer.cancel()
-        await asyncio.gather(producer, return_exceptions=True)
+        await feed.aclose()
 
 
-async def _produce(
-    job: Job, paginator: pagination.Paginator, *, source: PageSource,
-    ahead: asyncio.Queue[_Fetched | BaseException | None], slots: asyncio.Semaphore,
+async def produce(
+    job: Job, paginator: pagination.Paginator, *, source: PageSource, ahead: Ahead,
+    slots: asyncio.Semaphore,
 ) -> None:
     """Fetch pages in order into `ahead`, each holding a slot until it is applied.
 
@@ -257,7 +299,7 @@ async def _produce(
             request = fetched.following
             if window and window[0][0] != request:
                 await _drop(window, slots)
-        await ahead.put(_END)
+        await ahead.put(None)
     except Exception as exc:  # handed to the consumer, which raises it
         # Anything, not only a PullerError: a producer that died silently would leave the
         # consumer waiting for the next page forever.
@@ -322,7 +364,7 @@ async def _download(job: Job, request: PageRequest, source: PageSource) -> _Down
 
 
 def _in_order(job: Job, request: PageRequest, downloaded: _Downloaded,
-              paginator: pagination.Paginator) -> _Fetched:
+              paginator: pagination.Paginator) -> Fetched:
     """The tenant's status, the meta check and the next request: in page order."""
     where = Where(job.tenant.id, job.scope, request.label)
     envelope = downloaded.envelope
@@ -335,12 +377,12 @@ def _in_order(job: Job, request: PageRequest, downloaded: _Downloaded,
     if mismatch:
         logs.get_logger().warning("page_meta_mismatch", detail=mismatch)
     following = paginator.advance(request, envelope.meta, where=where)
-    return _Fetched(request=request, following=following, page=downloaded.page,
+    return Fetched(request=request, following=following, page=downloaded.page,
                     records=len(envelope.data))
 
 
 async def _apply(
-    job: Job, run_id: int, fetched: _Fetched, *, source: PageSource, sink: PageSink,
+    job: Job, run_id: int, fetched: Fetched, *, source: PageSource, sink: PageSink,
     clock: Clock, on_page: PageHook | None,
 ) -> None:
     """apply (one transaction: records, rejections, counters, checkpoint) → acknowledge."""

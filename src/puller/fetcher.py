@@ -1,0 +1,291 @@
+"""Fetching in a process of its own: `puller pull --fetch-process` (issue #5).
+
+One puller process is bound by one core: fetching, parsing and validating a page hold
+Python's GIL as much as applying it does. With `--fetch-process`, a second process fetches,
+parses and validates every sweep's pages, in order, and the main process only applies
+them (one transaction per page, in order, the checkpoint with the page) and acknowledges
+them. The two run on two cores: ~1.3x on one tenant in scripts/bench.
+
+The fetch process is forked before the event loop starts, when the main process has no
+thread, connection or loop, and before the store is opened. It serves every sweep of the
+pull over two pipes: the main process asks for a sweep from its checkpoint and returns a
+credit for each page it applied (so at most `prefetch + 1` pages of a sweep are fetched
+and not yet applied: memory stays flat), and the fetch process sends each page as it was
+validated (pickled; ~1 µs a record). Acknowledgements (`commit_url`) stay with the main
+process: they follow the page's commit.
+
+Failures are the sweep's, as without the option: a tenant's error, a broken page or a
+refused address fails that run with the same message. If the fetch process dies, every
+sweep it served fails with a message that says so; the next run resumes at the
+checkpoint. It ends when the main process closes its pipe, however the main process ends
+(SIGKILL included), and it ignores the terminal's Ctrl-C, which the main process handles.
+POSIX only (os.fork).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Coroutine, Sequence
+from typing import IO, Any
+
+from puller import client, errors, logs, pipeline
+from puller.config import PullerConfig
+from puller.domain import Checkpoint
+
+_HEAD = struct.Struct("<I")  # each message: its length, then the pickle
+_STOP_WAIT_S = 5.0
+
+RunLoop = Callable[[Coroutine[Any, Any, None]], None]
+
+
+class FetchProcess:
+    """The main process's end of the fetch process; `feed` is a pipeline.FeedFactory."""
+
+    def __init__(self, pid: int, control: int, pages: int) -> None:
+        self._pid = pid
+        self._control = control
+        self._pages: IO[bytes] = os.fdopen(pages, "rb", buffering=1 << 20)
+        self._feeds: dict[int, _RemoteFeed] = {}
+        self._keys = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: threading.Thread | None = None
+        self._ended: str | None = None
+        self._status: int | None = None  # its wait status, once reaped
+
+    @classmethod
+    def start(cls, jobs: Sequence[pipeline.Job], config: PullerConfig, *,
+              run_loop: RunLoop) -> FetchProcess:
+        """Fork the fetch process for these jobs; call before any thread or event loop."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        control_read, control_write = os.pipe()
+        pages_read, pages_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the fetch process: never returns
+            os.close(control_write)
+            os.close(pages_read)
+            _serve(jobs, config, control_read, pages_write, run_loop)
+        os.close(control_read)
+        os.close(pages_write)
+        logs.get_logger().info("fetch_process_started", pid=pid)
+        return cls(pid, control_write, pages_read)
+
+    def feed(self, job: pipeline.Job, start: Checkpoint, run_id: int) -> pipeline.PageFeed:
+        """Ask the fetch process for a sweep of `job` from `start`."""
+        if self._reader is None:
+            self._loop = asyncio.get_running_loop()
+            self._reader = threading.Thread(target=self._read, name="puller-fetch-reader",
+                                            daemon=True)
+            self._reader.start()
+        self._keys += 1
+        feed = self._feeds[self._keys] = _RemoteFeed(self, self._keys)
+        self.tell(("start", self._keys, job.tenant.id, job.scope.value, start, run_id))
+        return feed
+
+    def tell(self, message: tuple[Any, ...]) -> None:
+        """Send a message to the fetch process; if it is gone, its sweeps fail."""
+        if self._ended is not None:
+            self._end(self._ended)
+            return
+        try:
+            _send(self._control, message)
+        except OSError:  # EPIPE: it died; the reader says how
+            self._end(self._gone())
+
+    def forget(self, key: int) -> None:
+        """The sweep `key` ended: the fetch process drops whatever it fetched ahead."""
+        if self._feeds.pop(key, None) is not None and self._ended is None:
+            self.tell(("stop", key))
+
+    def close(self) -> None:
+        """End the fetch process (it exits when its pipe closes) and reap it."""
+        os.close(self._control)
+        if self._reader is not None:
+            self._reader.join(_STOP_WAIT_S)
+        if self._reap(_STOP_WAIT_S) is None:
+            os.kill(self._pid, signal.SIGKILL)
+            os.waitpid(self._pid, 0)
+        self._pages.close()
+
+    def _reap(self, timeout_s: float) -> int | None:
+        if self._status is None:
+            self._status = _wait(self._pid, timeout_s)
+        return self._status
+
+    def _read(self) -> None:
+        """The reader thread: hand each page to its sweep's feed, on the loop."""
+        assert self._loop is not None
+        while True:
+            message = _receive(self._pages)
+            try:
+                if message is None:
+                    self._loop.call_soon_threadsafe(self._end, self._gone())
+                    return
+                self._loop.call_soon_threadsafe(self._deliver, message)
+            except RuntimeError:  # the loop is closed: the pull is over
+                return
+
+    def _deliver(self, message: Any) -> None:
+        key, kind, payload = message
+        feed = self._feeds.get(key)
+        if feed is not None:  # else the sweep ended and dropped what was fetched ahead
+            feed.queue.put_nowait((kind, payload))
+
+    def _gone(self) -> str:
+        status = self._reap(0.5)
+        how = "" if status is None else f" with exit code {os.waitstatus_to_exitcode(status)}"
+        return (f"the fetch process (pid {self._pid}) ended{how} while this run was "
+                "fetching; its output is above; the next run resumes at the checkpoint "
+                "(pull without --fetch-process if this repeats)")
+
+    def _end(self, reason: str) -> None:
+        if self._ended is None:
+            self._ended = reason
+        for feed in self._feeds.values():
+            feed.queue.put_nowait(("error", reason))
+
+
+class _RemoteFeed:
+    """A sweep's pages from the fetch process."""
+
+    def __init__(self, owner: FetchProcess, key: int) -> None:
+        self._owner = owner
+        self._key = key
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    async def next(self) -> pipeline.Fetched | None:
+        kind, payload = await self.queue.get()
+        if kind == "page":
+            fetched: pipeline.Fetched = payload
+            return fetched
+        if kind == "end":
+            return None
+        raise errors.FetchProcessError(payload)
+
+    def applied(self) -> None:
+        self._owner.tell(("credit", self._key))
+
+    async def aclose(self) -> None:
+        self._owner.forget(self._key)
+
+
+# ---------------------------------------------------------------- the fetch process
+def _serve(jobs: Sequence[pipeline.Job], config: PullerConfig, control: int, pages: int,
+           run_loop: RunLoop) -> None:
+    # Own process group and no Ctrl-C: the main process handles signals and ends this
+    # process by closing the pipe, after recording its runs as interrupted.
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    code = 0
+    try:
+        run_loop(_fetch_sweeps({(j.tenant.id, j.scope.value): j for j in jobs}, config,
+                               control, pages))
+    except BaseException:  # whatever happens, the process must reach os._exit
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+async def _fetch_sweeps(jobs: dict[tuple[str, str], pipeline.Job], config: PullerConfig,
+                        control: int, pages: int) -> None:
+    """Serve sweeps until the main process closes the control pipe."""
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[Any] = asyncio.Queue()
+    source = os.fdopen(control, "rb")
+
+    def read() -> None:
+        while (message := _receive(source)) is not None:
+            loop.call_soon_threadsafe(inbox.put_nowait, message)
+        loop.call_soon_threadsafe(inbox.put_nowait, None)
+
+    threading.Thread(target=read, name="puller-fetch-control", daemon=True).start()
+    sweeps: dict[int, tuple[asyncio.Task[None], asyncio.Semaphore]] = {}
+    async with client.HttpClients(allow_private_networks=config.allow_private_networks) as http:
+        while (message := await inbox.get()) is not None:
+            kind, key, *rest = message
+            if kind == "credit" and key in sweeps:
+                sweeps[key][1].release()
+            elif kind == "stop" and key in sweeps:
+                sweeps.pop(key)[0].cancel()
+            elif kind == "start":
+                job = jobs[(rest[0], rest[1])]
+                slots = asyncio.Semaphore(job.callback.effective_prefetch + 1)
+                task = asyncio.create_task(_sweep(
+                    job, rest[2], rest[3], http=http, config=config, slots=slots,
+                    out=_Out(pages, key)))
+                sweeps[key] = (task, slots)
+        for task, _ in sweeps.values():
+            task.cancel()
+        await asyncio.gather(*(task for task, _ in sweeps.values()), return_exceptions=True)
+
+
+async def _sweep(job: pipeline.Job, start: Checkpoint, run_id: int, *,
+                 http: client.HttpClients, config: PullerConfig, slots: asyncio.Semaphore,
+                 out: _Out) -> None:
+    source = client.CallbackSource(http.for_tenant(job.tenant), tenant=job.tenant,
+                                   scope=job.scope, callback=job.callback, policy=config.retry)
+    with logs.bound(tenant=job.tenant.id, scope=job.scope.value, run_id=run_id):
+        await pipeline.produce(job, pipeline.paginator_for(job.callback, start),
+                               source=source, ahead=out, slots=slots)
+
+
+class _Out:
+    """pipeline.Ahead for one sweep: its pages, error or end, sent to the main process."""
+
+    def __init__(self, pages: int, key: int) -> None:
+        self._pages = pages
+        self._key = key
+
+    async def put(self, item: pipeline.Fetched | BaseException | None) -> None:
+        if item is None:
+            _send(self._pages, (self._key, "end", None))
+        elif isinstance(item, errors.PullerError):
+            _send(self._pages, (self._key, "error", str(item)))
+        elif isinstance(item, BaseException):
+            # A defect: the traceback is logged here, the run fails with what to do.
+            logs.get_logger().error("fetch_crashed", exc_info=item)
+            _send(self._pages, (self._key, "error", (
+                f"internal error {type(item).__name__}: {item} — please report it with the "
+                "log; the next run resumes")))
+        else:
+            _send(self._pages, (self._key, "page", item))
+
+
+def _send(fd: int, message: object) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(_HEAD.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _receive(stream: IO[bytes]) -> Any:
+    """The next message, or None at the end of the pipe."""
+    head = stream.read(_HEAD.size)
+    if len(head) < _HEAD.size:
+        return None
+    body = stream.read(_HEAD.unpack(head)[0])
+    return pickle.loads(body)  # noqa: S301 - written by this process's own fork
+
+
+def _wait(pid: int, timeout_s: float) -> int | None:
+    """The wait status of `pid` once it exited within `timeout_s`; None if it still runs."""
+    end = time.monotonic() + timeout_s
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() >= end:
+            return None
+        time.sleep(0.01)

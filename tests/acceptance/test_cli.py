@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,13 @@ def puller(*args: str, env: dict[str, str] | None = None,
 
 
 def kill_pull_after(config: Path, seconds: float, *, server: TenantServer,
-                    tenant: str) -> None:
-    """Start `puller pull --config CONFIG` and SIGKILL it `seconds` after its first request
-    reaches the tenant: counted from there, not from the start, because interpreter
-    start-up alone varies from 0.3 to 2 s between machines and moments."""
+                    tenant: str, options: Sequence[str] = ()) -> None:
+    """Start `puller pull --config CONFIG [OPTIONS]` and SIGKILL it `seconds` after its
+    first request reaches the tenant: counted from there, not from the start, because
+    interpreter start-up alone varies from 0.3 to 2 s between machines and moments."""
     before = _requests_of(server, tenant)
-    proc = subprocess.Popen([sys.executable, "-m", "puller", "pull", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "puller", "pull", "--config", str(config),
+                             *options],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     deadline = time.monotonic() + 60
     while (_requests_of(server, tenant) == before and proc.poll() is None

@@ -2,7 +2,8 @@
 
 Each trial: a tenant on the loopback server, a fresh store, 2-4 kills at random moments
 (some while an acknowledgement to commit_url is in flight, some with parallel_pages asking
-for later pages ahead, some after the tenant updated records), then runs to completion
+for later pages ahead, some after the tenant updated records, odd seeds with the pages
+fetched in a fetch process, `pull --fetch-process`), then runs to completion
 and a fresh sweep; the store must equal the source record by record: nothing lost,
 nothing doubled, the newest version everywhere, the checkpoint reset. CI runs a fixed
 seeded subset; `scripts/test --full` runs every trial.
@@ -58,21 +59,22 @@ def test_sigkill_at_random_moments_then_converge(tenant_server: TenantServer, te
         callback["parallel_pages"] = 3
     config = write_config(tmp_path, tenant_server, tenant_id, store_url=store_url,
                           scopes={"customer": callback})
+    options = ["--fetch-process"] if seed % 2 else []
     mutated = False
     for _ in range(chance.randint(2, 4)):
         kill_pull_after(config, chance.uniform(0.0, 1.0), server=tenant_server,
-                        tenant=tenant_id)
+                        tenant=tenant_id, options=options)
         if chance.random() < 0.3:  # the tenant updates records between attempts
             for person in chance.sample(data.records["customer"], 3):
                 person["last_modified_date"] = timestamp(100_000 + chance.randint(0, 999))
                 person["first_name"] = f"Renée {chance.randint(0, 999)}"
             mutated = True
     data.page_delay_s = data.ack_delay_s = 0.0
-    finish = puller("pull", "--config", str(config))
+    finish = puller("pull", "--config", str(config), *options)
     assert finish.returncode == 0, finish.stdout + finish.stderr
     # A sweep that resumed mid-way has not re-read the pages before its checkpoint, so
     # updates made there show after one fresh sweep; that sweep changes nothing otherwise.
-    again = puller("pull", "--config", str(config))
+    again = puller("pull", "--config", str(config), *options)
     assert again.returncode == 0, again.stdout + again.stderr
     assert_store_equals_source(store_url, tenant_id, data, "customer")
     assert _checkpoint_page(store_url, tenant_id) == 1, "a finished sweep resets"

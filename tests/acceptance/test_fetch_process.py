@@ -1,0 +1,233 @@
+"""`puller pull --fetch-process`: pages fetched in a second process, as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import orjson
+import pytest
+import yaml
+
+from puller.tenant_server import Fault, TenantServer
+from tests.acceptance.test_cli import _env, _wait_for_request, assert_store_equals_source, runs
+from tests.acceptance.test_processes import SCOPES, datasets, write_many
+from tests.conftest import BACKENDS, add_dataset
+
+
+def pull(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "puller", "pull", "--fetch-process", *args],
+                          capture_output=True, text=True, timeout=120, env=_env(), check=False)
+
+
+def start_pull(config: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "puller", "pull", "--fetch-process",
+                             "--config", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+
+
+def fetch_pid(stderr: IO[str]) -> int:
+    """The fetch process's pid, from the main process's `fetch_process_started` log line."""
+    for line in stderr:
+        if '"fetch_process_started"' in line:
+            pid: int = orjson.loads(line)["pid"]
+            return pid
+    raise AssertionError("no fetch_process_started log line")
+
+
+def gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def with_acks(config: Path, server: TenantServer, **over: object) -> Path:
+    doc = yaml.safe_load(config.read_text())
+    for tenant in doc["tenants"]:
+        for callback in tenant["callbacks"].values():
+            callback.update(commit_url=f"{server.url}/{tenant['id']}/commit", **over)
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return config
+
+
+@BACKENDS
+def test_a_pull_with_a_fetch_process_stores_what_one_without_it_does(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path, store_url: str,
+) -> None:
+    """Every scope of several tenants, invalid records among them (their rejections cross
+    the pipe too), acknowledged: every run succeeds, the store equals the source, orders
+    after their customers and products, one ack per page."""
+    data = datasets(tenant_server, tenant_id, 3)
+    config = with_acks(write_many(tmp_path, tenant_server, list(data), store_url=store_url),
+                       tenant_server)
+    done = pull("--config", str(config), "--json")
+    assert done.returncode == 0, done.stderr
+    summary = orjson.loads(done.stdout)
+    assert [(r["tenant"], r["scope"]) for r in summary] == [(t, s) for t in data for s in SCOPES]
+    assert all(r["status"] == "succeeded" for r in summary)
+    assert sum(r["rejected"] for r in summary) > 0
+    for tenant, dataset in data.items():
+        history = runs(store_url, tenant)
+        order = next(r for r in history if r["scope"] == "order")
+        assert all(r["finished_at"] <= order["started_at"] for r in history
+                   if r["scope"] != "order")
+        for scope in SCOPES:
+            assert_store_equals_source(store_url, tenant, dataset, scope)
+        acks = [a for a in tenant_server.acks if a["tenant"] == tenant]
+        assert len(acks) == sum(r["pages"] for r in history)
+
+
+def test_it_combines_with_processes(tenant_server: TenantServer, tenant_id: str,
+                                    tmp_path: Path) -> None:
+    data = datasets(tenant_server, tenant_id, 4)
+    store_url = f"sqlite:///{tmp_path}/p.db"
+    config = write_many(tmp_path, tenant_server, list(data), store_url=store_url)
+    done = pull("--config", str(config), "--processes", "2")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count('"fetch_process_started"') == 2
+    for tenant, dataset in data.items():
+        for scope in SCOPES:
+            assert_store_equals_source(store_url, tenant, dataset, scope)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_no_page_is_fetched_more_than_prefetch_ahead_of_its_acknowledgement(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path, prefetch: int,
+) -> None:
+    """The fetch process asks for page N + prefetch + 1 only after page N was applied and
+    acknowledged: at every point of the tenant's request log, the page requests exceed
+    the acks by at most prefetch + 1 (with 0: strict alternation)."""
+    data = datasets(tenant_server, tenant_id, 1)
+    tenant = next(iter(data))
+    config = with_acks(write_many(tmp_path, tenant_server, [tenant],
+                                  store_url=f"sqlite:///{tmp_path}/p.db", page_size=3),
+                       tenant_server, prefetch=prefetch)
+    done = pull("--config", str(config), "--scope", "customer")
+    assert done.returncode == 0, done.stderr
+    ahead, most = 0, 0
+    for path, _, _ in tenant_server.requests:
+        if path == f"/{tenant}/customers":
+            ahead += 1
+        elif path == f"/{tenant}/commit":
+            ahead -= 1
+        most = max(most, ahead)
+    assert ahead == 0 and most == prefetch + 1
+    assert_store_equals_source(f"sqlite:///{tmp_path}/p.db", tenant, data[tenant], "customer")
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    (Fault(status=404), "HTTP 404 from POST /{tenant}/customers"),
+    (Fault(body=b"<html>oops</html>"), "response is not JSON"),
+])
+def test_a_failure_while_fetching_fails_the_run_with_its_own_message(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path, fault: Fault, message: str,
+) -> None:
+    data = datasets(tenant_server, tenant_id, 2)
+    failing, other = list(data)
+    tenant_server.fail_next(failing, "customers", Fault(), fault)
+    config = write_many(tmp_path, tenant_server, list(data),
+                        store_url=f"sqlite:///{tmp_path}/p.db")
+    done = pull("--config", str(config))
+    assert done.returncode == 1
+    assert f"run 1 ({failing}/customer): tenant {failing}, scope customer, page 2: " in done.stdout
+    assert message.format(tenant=failing) in done.stdout
+    statuses = {(r["tenant_id"], r["scope"]): r["status"]
+                for t in data for r in runs(f"sqlite:///{tmp_path}/p.db", t)}
+    assert statuses[(failing, "customer")] == "failed"
+    assert all(statuses[(other, s)] == "succeeded" for s in SCOPES)
+
+
+def test_sigterm_interrupts_the_runs_and_ends_the_fetch_process(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path,
+) -> None:
+    data = datasets(tenant_server, tenant_id, 1)
+    tenant, dataset = next(iter(data.items()))
+    tenant_server.fail_next(tenant, "customers", Fault(), Fault(delay_s=3))
+    store_url = f"sqlite:///{tmp_path}/p.db"
+    config = write_many(tmp_path, tenant_server, [tenant], store_url=store_url)
+    proc = start_pull(config)
+    assert proc.stderr is not None
+    pid = fetch_pid(proc.stderr)
+    _wait_for_request(tenant_server, tenant, 2, timeout_s=30)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "interrupted" in err, err
+    assert gone(pid, 10)
+    assert {r["scope"]: r["status"] for r in runs(store_url, tenant)}["customer"] == "interrupted"
+    assert pull("--config", str(config)).returncode == 0
+    for scope in SCOPES:
+        assert_store_equals_source(store_url, tenant, dataset, scope)
+
+
+def test_the_fetch_process_ends_when_the_main_process_is_killed(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path,
+) -> None:
+    """SIGKILL leaves no orphan: the fetch process sees its pipe close and exits; the next
+    pull resumes at the checkpoint."""
+    data = datasets(tenant_server, tenant_id, 1)
+    tenant, dataset = next(iter(data.items()))
+    tenant_server.fail_next(tenant, "customers", Fault(), Fault(delay_s=3))
+    store_url = f"sqlite:///{tmp_path}/p.db"
+    config = write_many(tmp_path, tenant_server, [tenant], store_url=store_url)
+    proc = start_pull(config)
+    assert proc.stderr is not None
+    pid = fetch_pid(proc.stderr)
+    _wait_for_request(tenant_server, tenant, 2, timeout_s=30)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert gone(pid, 10)
+    assert pull("--config", str(config)).returncode == 0
+    for scope in SCOPES:
+        assert_store_equals_source(store_url, tenant, dataset, scope)
+
+
+def test_a_dead_fetch_process_fails_its_runs_with_what_happened(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path,
+) -> None:
+    data = datasets(tenant_server, tenant_id, 1)
+    tenant, dataset = next(iter(data.items()))
+    tenant_server.fail_next(tenant, "customers", Fault(), Fault(delay_s=3))
+    store_url = f"sqlite:///{tmp_path}/p.db"
+    config = write_many(tmp_path, tenant_server, [tenant], store_url=store_url)
+    proc = start_pull(config)
+    assert proc.stderr is not None
+    pid = fetch_pid(proc.stderr)
+    _wait_for_request(tenant_server, tenant, 2, timeout_s=30)
+    os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert (f"the fetch process (pid {pid}) ended with exit code -9 while this run was "
+            "fetching") in out
+    assert "pull without --fetch-process if this repeats" in out
+    assert {r["scope"]: r["status"] for r in runs(store_url, tenant)}["customer"] == "failed"
+    assert pull("--config", str(config)).returncode == 0
+    for scope in SCOPES:
+        assert_store_equals_source(store_url, tenant, dataset, scope)
+
+
+def test_a_tenant_of_its_own_dataset_is_pulled_in_cursor_mode_too(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path,
+) -> None:
+    dataset = add_dataset(tenant_server, tenant_id, customers=47, products=0, orders=0)
+    store_url = f"sqlite:///{tmp_path}/p.db"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "store": store_url, "allow_private_networks": True,
+        "tenants": [{"id": tenant_id, "shop": f"{tenant_id}.example.com", "callbacks": {
+            "customer": {"url": f"{tenant_server.url}/{tenant_id}/customers",
+                         "pagination": "cursor", "page_size": 5}}}]}))
+    config.chmod(0o600)
+    done = pull("--config", str(config), "--json")
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout)[0]["pages"] == 10
+    assert_store_equals_source(store_url, tenant_id, dataset, "customer")

@@ -2,7 +2,8 @@
 
 Usage: scripts/bench [--records N] [--repeat R] [--page-sizes 50,500] [--no-postgres]
                      [--modes page,cursor] [--tenants T] [--concurrency C]
-                     [--prefetch P] [--parallel-pages 1,4] [--latency-ms MS]
+                     [--prefetch P] [--parallel-pages 1,4] [--processes 1,2]
+                     [--fetch-process off,on] [--latency-ms MS]
 
 Every measurement is a whole process (interpreter start included), timed from spawn to
 exit, peak RSS from wait4; each is repeated and the median reported. A fast tenant server
@@ -239,6 +240,9 @@ def main() -> int:
     parser.add_argument("--processes", default=None,
                         help="puller pull --processes values to compare, e.g. 1,2 (default: "
                         "1 with one tenant, 1,2 with several)")
+    parser.add_argument("--fetch-process", default=None,
+                        help="pull --fetch-process off/on, e.g. off,on to compare (default: "
+                        "off,on with one tenant, off with several)")
     parser.add_argument("--latency-ms", type=float, default=0.0,
                         help="the tenant server waits this long before each page")
     parser.add_argument("--role", default="bench", help=argparse.SUPPRESS)
@@ -293,11 +297,14 @@ def _bench_size(me: list[str], url: str, folder: Path, size: int, stores: list[s
         if args.tenants == 1:
             rows += _naive(me, url, folder, size, store_kind, total, args)
         processes = args.processes or ("1,2" if args.tenants > 1 else "1")
-        runs = [(mode, int(parallel), int(split)) for mode in args.modes.split(",")
+        fetching = args.fetch_process or ("off" if args.tenants > 1 else "off,on")
+        runs = [(mode, int(parallel), int(split), fetch == "on")
+                for mode in args.modes.split(",")
                 for parallel in args.parallel_pages.split(",")
                 for split in processes.split(",")
+                for fetch in fetching.split(",")
                 if mode == "page" or parallel == "1"]
-        for mode, parallel, split in runs:
+        for mode, parallel, split, fetch in runs:
             samples = []
             for _ in range(args.repeat):
                 store = _store(store_kind, folder)
@@ -307,12 +314,14 @@ def _bench_size(me: list[str], url: str, folder: Path, size: int, stores: list[s
                                        args.prefetch, parallel)
                 samples.append(run([sys.executable, "-m", "puller", "--log-level", "warning",
                                     "pull", "--config", str(config), "--concurrency",
-                                    str(args.concurrency), "--processes", str(split)]))
+                                    str(args.concurrency), "--processes", str(split),
+                                    *(["--fetch-process"] if fetch else [])]))
                 _verify(store, "customers", total)
                 _dispose(store)
             if samples:
                 label = mode if parallel == 1 else f"{mode}, parallel_pages {parallel}"
                 label += "" if split == 1 else f", {split} processes"
+                label += ", fetch process" if fetch else ""
                 row = _row(f"puller pull ({label})", store_kind, size, total, samples)
                 row["ratio"] = row["rec_s"] / plain_row["rec_s"]
                 rows.append(row)
@@ -417,7 +426,7 @@ def _targets(rows: list[dict[str, Any]], latency_ms: float) -> None:
         if r["what"].startswith("puller") and r["store"] == "sqlite":
             need = 0.6 if r["page_size"] <= 50 else 0.4
             verdict = "met" if r["ratio"] >= need else "NOT met"
-            print(f"target SQLite page {r['page_size']}: puller ≥ {need}x plain loop — "
+            print(f"target SQLite page {r['page_size']}: {r['what']} ≥ {need}x plain loop — "
                   f"{r['ratio']:.2f}x {verdict}")
         if r["what"].startswith("puller") and r["store"] == "postgres":
             naive_rows = [n for n in rows if n["what"].startswith("sequential")
@@ -425,8 +434,8 @@ def _targets(rows: list[dict[str, Any]], latency_ms: float) -> None:
             if naive_rows:
                 ratio = r["rec_s"] / naive_rows[0]["rec_s"]
                 verdict = "met" if ratio >= 1.5 else "NOT met"
-                print(f"target PostgreSQL page {r['page_size']}: puller ≥ 1.5x sequential "
-                      f"loop+upsert — {ratio:.2f}x {verdict}")
+                print(f"target PostgreSQL page {r['page_size']}: {r['what']} ≥ 1.5x "
+                      f"sequential loop+upsert — {ratio:.2f}x {verdict}")
 
 
 if __name__ == "__main__":

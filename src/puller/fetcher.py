@@ -59,6 +59,7 @@ class FetchProcess:
         self._reader: threading.Thread | None = None
         self._ended: str | None = None
         self._status: int | None = None  # its wait status, once reaped
+        self._reaping = threading.Lock()  # the reader thread and the loop may both ask
 
     @classmethod
     def start(cls, jobs: Sequence[pipeline.Job], config: PullerConfig, *,
@@ -116,9 +117,10 @@ class FetchProcess:
         self._pages.close()
 
     def _reap(self, timeout_s: float) -> int | None:
-        if self._status is None:
-            self._status = _wait(self._pid, timeout_s)
-        return self._status
+        with self._reaping:
+            if self._status is None:
+                self._status = _wait(self._pid, timeout_s)
+            return self._status
 
     def _read(self) -> None:
         """The reader thread: hand each page to its sweep's feed, on the loop."""
@@ -234,9 +236,14 @@ async def _fetch_sweeps(jobs: dict[tuple[str, str], pipeline.Job], config: Pulle
 async def _sweep(job: pipeline.Job, start: Checkpoint, run_id: int, *,
                  http: client.HttpClients, config: PullerConfig, slots: asyncio.Semaphore,
                  out: _Out) -> None:
-    source = client.CallbackSource(http.for_tenant(job.tenant), tenant=job.tenant,
-                                   scope=job.scope, callback=job.callback, policy=config.retry)
     with logs.bound(tenant=job.tenant.id, scope=job.scope.value, run_id=run_id):
+        try:
+            source = client.CallbackSource(
+                http.for_tenant(job.tenant), tenant=job.tenant, scope=job.scope,
+                callback=job.callback, policy=config.retry)
+        except Exception as exc:  # the main process would wait for this sweep forever
+            await out.put(exc)
+            return
         await pipeline.produce(job, pipeline.paginator_for(job.callback, start),
                                source=source, ahead=out, slots=slots)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,7 +140,8 @@ def test_a_failure_while_fetching_fails_the_run_with_its_own_message(
                         store_url=f"sqlite:///{tmp_path}/p.db")
     done = pull("--config", str(config))
     assert done.returncode == 1
-    assert f"run 1 ({failing}/customer): tenant {failing}, scope customer, page 2: " in done.stdout
+    assert re.search(rf"run \d+ \({failing}/customer\): tenant {failing}, scope customer, "
+                     "page 2: ", done.stdout), done.stdout
     assert message.format(tenant=failing) in done.stdout
     statuses = {(r["tenant_id"], r["scope"]): r["status"]
                 for t in data for r in runs(f"sqlite:///{tmp_path}/p.db", t)}

@@ -6,8 +6,10 @@ Usage: scripts/bench [--records N] [--repeat R] [--page-sizes 50,500] [--no-post
                      [--fetch-process off,on] [--latency-ms MS]
 
 Every measurement is a whole process (interpreter start included), timed from spawn to
-exit, peak RSS from wait4; each is repeated and the median reported. A fast tenant server
-with pre-rendered pages runs in a process of its own.
+exit, peak RSS from wait4; each is repeated and the median reported. Repeats are
+interleaved: each round runs every configuration once, so a slow spell of a shared
+machine hits them all alike. A fast tenant server with pre-rendered pages runs in a
+process of its own.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -286,16 +289,21 @@ def bench(args: argparse.Namespace, sizes: list[int]) -> int:
     return 0
 
 
+Sample = tuple[float, float, str]
+
+
 def _bench_size(me: list[str], url: str, folder: Path, size: int, stores: list[str],
                 total: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    samples = [run([*me, "--role", "plain", "--url", url, "--size", str(size),
-                    "--tenants", str(args.tenants)]) for _ in range(args.repeat)]
-    plain_row = _row("plain httpx loop (fetch + parse)", "-", size, total, samples)
-    rows.append(plain_row)
+    """Every configuration at this page size, repeats interleaved: round r runs each
+    configuration once, so a slow spell of the shared machine hits them all alike."""
+    plan: list[tuple[str, str, Callable[[], Sample | None]]] = [(
+        "plain httpx loop (fetch + parse)", "-",
+        lambda: run([*me, "--role", "plain", "--url", url, "--size", str(size),
+                     "--tenants", str(args.tenants)]))]
     for store_kind in stores:
         if args.tenants == 1:
-            rows += _naive(me, url, folder, size, store_kind, total, args)
+            plan.append(("sequential loop + upsert + commit", store_kind,
+                         _naive(me, url, folder, size, store_kind, total)))
         processes = args.processes or ("1,2" if args.tenants > 1 else "1")
         fetching = args.fetch_process or ("off" if args.tenants > 1 else "off,on")
         runs = [(mode, int(parallel), int(split), fetch == "on")
@@ -305,62 +313,65 @@ def _bench_size(me: list[str], url: str, folder: Path, size: int, stores: list[s
                 for fetch in fetching.split(",")
                 if mode == "page" or parallel == "1"]
         for mode, parallel, split, fetch in runs:
-            samples = []
-            for _ in range(args.repeat):
-                store = _store(store_kind, folder)
-                if store is None:
-                    break
-                config = puller_config(folder, url, store, size, args.tenants, mode,
-                                       args.prefetch, parallel)
-                samples.append(run([sys.executable, "-m", "puller", "--log-level", "warning",
-                                    "pull", "--config", str(config), "--concurrency",
-                                    str(args.concurrency), "--processes", str(split),
-                                    *(["--fetch-process"] if fetch else [])]))
-                _verify(store, "customers", total)
-                _dispose(store)
-            if samples:
-                label = mode if parallel == 1 else f"{mode}, parallel_pages {parallel}"
-                label += "" if split == 1 else f", {split} processes"
-                label += ", fetch process" if fetch else ""
-                row = _row(f"puller pull ({label})", store_kind, size, total, samples)
-                row["ratio"] = row["rec_s"] / plain_row["rec_s"]
-                rows.append(row)
+            label = mode if parallel == 1 else f"{mode}, parallel_pages {parallel}"
+            label += "" if split == 1 else f", {split} processes"
+            label += ", fetch process" if fetch else ""
+            options = ["--concurrency", str(args.concurrency), "--processes", str(split),
+                       *(["--fetch-process"] if fetch else [])]
+            plan.append((f"puller pull ({label})", store_kind, _puller(
+                url, folder, size, store_kind, total, args, mode=mode, parallel=parallel,
+                tenants=args.tenants, options=options)))
         if args.tenants > 1:
-            rows += _solo(url, folder, size, store_kind, total, args)
+            plan.append((f"puller pull, one tenant of {total:,}", store_kind, _puller(
+                url, folder, size, store_kind, total, args, mode="page", parallel=1,
+                tenants=1, options=[], names=["solo"])))
+    samples: dict[int, list[Sample]] = {index: [] for index in range(len(plan))}
+    for _ in range(args.repeat):
+        for index, (_, _, measure) in enumerate(plan):
+            sample = measure()
+            if sample is not None:  # None: PostgreSQL not reachable
+                samples[index].append(sample)
+    rows = [_row(what, store, size, total, samples[index])
+            for index, (what, store, _) in enumerate(plan) if samples[index]]
+    plain_rate = rows[0]["rec_s"]
+    for row in rows:
+        if row["what"].startswith("puller pull (") and row["store"] != "-":
+            row["ratio"] = row["rec_s"] / plain_rate
     return rows
 
 
-def _naive(me: list[str], url: str, folder: Path, size: int, store_kind: str, total: int,
-           args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The sequential fetch-then-store loop, no validation (one tenant only)."""
-    samples = []
-    for _ in range(args.repeat):
+def _puller(url: str, folder: Path, size: int, store_kind: str, total: int,
+            args: argparse.Namespace, *, mode: str, parallel: int, tenants: int,
+            options: list[str], names: list[str] | None = None,
+            ) -> Callable[[], Sample | None]:
+    """One `puller pull` into a fresh store, its stored count verified."""
+    def measure() -> Sample | None:
         store = _store(store_kind, folder)
         if store is None:
-            return []
-        samples.append(run([*me, "--role", "naive", "--url", url, "--size", str(size),
-                            "--store", store]))
-        _verify(store, "naive_customers", total)
-        _dispose(store)
-    return [_row("sequential loop + upsert + commit", store_kind, size, total, samples)]
-
-
-def _solo(url: str, folder: Path, size: int, store_kind: str, total: int,
-          args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One tenant with every tenant's records, in the same run: the single-tenant figure
-    that the many-tenant aggregate is held against."""
-    samples = []
-    for _ in range(args.repeat):
-        store = _store(store_kind, folder)
-        if store is None:
-            return []
-        config = puller_config(folder, url, store, size, 1, "page", args.prefetch,
-                               names=["solo"])
-        samples.append(run([sys.executable, "-m", "puller", "--log-level", "warning",
-                            "pull", "--config", str(config)]))
+            return None
+        config = puller_config(folder, url, store, size, tenants, mode, args.prefetch,
+                               parallel, names=names)
+        sample = run([sys.executable, "-m", "puller", "--log-level", "warning", "pull",
+                      "--config", str(config), *options])
         _verify(store, "customers", total)
         _dispose(store)
-    return [_row(f"puller pull, one tenant of {total:,}", store_kind, size, total, samples)]
+        return sample
+    return measure
+
+
+def _naive(me: list[str], url: str, folder: Path, size: int, store_kind: str,
+           total: int) -> Callable[[], Sample | None]:
+    """The sequential fetch-then-store loop, no validation (one tenant only)."""
+    def measure() -> Sample | None:
+        store = _store(store_kind, folder)
+        if store is None:
+            return None
+        sample = run([*me, "--role", "naive", "--url", url, "--size", str(size),
+                      "--store", store])
+        _verify(store, "naive_customers", total)
+        _dispose(store)
+        return sample
+    return measure
 
 
 def _store(kind: str, folder: Path) -> str | None:
@@ -381,7 +392,7 @@ def _verify(store: str, table: str, expected: int) -> None:
 
 
 def _row(what: str, store: str, size: int, total: int,
-         samples: list[tuple[float, float, str]]) -> dict[str, Any]:
+         samples: list[Sample]) -> dict[str, Any]:
     seconds = statistics.median(s[0] for s in samples)
     pages = -(-total // size)
     return {"what": what, "store": store, "page_size": size, "seconds": seconds,

@@ -4,15 +4,16 @@ One puller process is bound by one core: fetching, parsing and validating a page
 Python's GIL as much as applying it does. With `--fetch-process`, a second process fetches,
 parses and validates every sweep's pages, in order, and the main process only applies
 them (one transaction per page, in order, the checkpoint with the page) and acknowledges
-them. The two run on two cores: ~1.3x on one tenant in scripts/bench.
+them. The two run on two cores: 1.16-1.6x on one tenant at page size 50 in scripts/bench,
+about even at 500, where pickling a page costs about as much as validating it.
 
 The fetch process is forked before the event loop starts, when the main process has no
-thread, connection or loop, and before the store is opened. It serves every sweep of the
+thread, event loop or open store connection. It serves every sweep of the
 pull over two pipes: the main process asks for a sweep from its checkpoint and returns a
 credit for each page it applied (so at most `prefetch + 1` pages of a sweep are fetched
 and not yet applied: memory stays flat), and the fetch process sends each page as it was
-validated (pickled; ~1 µs a record). Acknowledgements (`commit_url`) stay with the main
-process: they follow the page's commit.
+validated (pickled: ~3 µs a customer each way). Acknowledgements (`commit_url`) stay with
+the main process: they follow the page's commit.
 
 Failures are the sweep's, as without the option: a tenant's error, a broken page or a
 refused address fails that run with the same message. If the fetch process dies, every

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -15,9 +16,14 @@ import orjson
 import pytest
 import yaml
 
-from puller.tenant_server import Fault, TenantServer
+from puller.tenant_server import Dataset, Fault, TenantServer
 from tests.acceptance.test_cli import _env, _wait_for_request, assert_store_equals_source, runs
-from tests.acceptance.test_processes import SCOPES, datasets, write_many
+from tests.acceptance.test_processes import (
+    SCOPES,
+    assert_each_tenant_stored_in_import_order,
+    datasets,
+    write_many,
+)
 from tests.conftest import BACKENDS, add_dataset
 
 
@@ -77,15 +83,10 @@ def test_a_pull_with_a_fetch_process_stores_what_one_without_it_does(
     assert [(r["tenant"], r["scope"]) for r in summary] == [(t, s) for t in data for s in SCOPES]
     assert all(r["status"] == "succeeded" for r in summary)
     assert sum(r["rejected"] for r in summary) > 0
-    for tenant, dataset in data.items():
-        history = runs(store_url, tenant)
-        order = next(r for r in history if r["scope"] == "order")
-        assert all(r["finished_at"] <= order["started_at"] for r in history
-                   if r["scope"] != "order")
-        for scope in SCOPES:
-            assert_store_equals_source(store_url, tenant, dataset, scope)
+    assert_each_tenant_stored_in_import_order(store_url, data)
+    for tenant in data:
         acks = [a for a in tenant_server.acks if a["tenant"] == tenant]
-        assert len(acks) == sum(r["pages"] for r in history)
+        assert len(acks) == sum(r["pages"] for r in runs(store_url, tenant))
 
 
 def test_it_combines_with_processes(tenant_server: TenantServer, tenant_id: str,
@@ -96,9 +97,7 @@ def test_it_combines_with_processes(tenant_server: TenantServer, tenant_id: str,
     done = pull("--config", str(config), "--processes", "2")
     assert done.returncode == 0, done.stderr
     assert done.stderr.count('"fetch_process_started"') == 2
-    for tenant, dataset in data.items():
-        for scope in SCOPES:
-            assert_store_equals_source(store_url, tenant, dataset, scope)
+    assert_each_tenant_stored_in_import_order(store_url, data)
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])
@@ -149,26 +148,46 @@ def test_a_failure_while_fetching_fails_the_run_with_its_own_message(
     assert all(statuses[(other, s)] == "succeeded" for s in SCOPES)
 
 
-def test_sigterm_interrupts_the_runs_and_ends_the_fetch_process(
-    tenant_server: TenantServer, tenant_id: str, tmp_path: Path,
-) -> None:
-    data = datasets(tenant_server, tenant_id, 1)
-    tenant, dataset = next(iter(data.items()))
-    tenant_server.fail_next(tenant, "customers", Fault(), Fault(delay_s=3))
+@dataclass
+class Stalled:
+    """A pull whose tenant holds its second customer page for 3 s, and its fetch process."""
+
+    proc: subprocess.Popen[str]
+    fetch_pid: int
+    tenant: str
+    dataset: Dataset
+    store_url: str
+    config: Path
+
+    def assert_a_rerun_converges(self) -> None:
+        assert pull("--config", str(self.config)).returncode == 0
+        for scope in SCOPES:
+            assert_store_equals_source(self.store_url, self.tenant, self.dataset, scope)
+
+
+def stalled_pull(server: TenantServer, tenant_id: str, tmp_path: Path) -> Stalled:
+    tenant, dataset = next(iter(datasets(server, tenant_id, 1).items()))
+    server.fail_next(tenant, "customers", Fault(), Fault(delay_s=3))
     store_url = f"sqlite:///{tmp_path}/p.db"
-    config = write_many(tmp_path, tenant_server, [tenant], store_url=store_url)
+    config = write_many(tmp_path, server, [tenant], store_url=store_url)
     proc = start_pull(config)
     assert proc.stderr is not None
     pid = fetch_pid(proc.stderr)
-    _wait_for_request(tenant_server, tenant, 2, timeout_s=30)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 1 and "interrupted" in err, err
-    assert gone(pid, 10)
-    assert {r["scope"]: r["status"] for r in runs(store_url, tenant)}["customer"] == "interrupted"
-    assert pull("--config", str(config)).returncode == 0
-    for scope in SCOPES:
-        assert_store_equals_source(store_url, tenant, dataset, scope)
+    _wait_for_request(server, tenant, 2, timeout_s=30)
+    return Stalled(proc, pid, tenant, dataset, store_url, config)
+
+
+def test_sigterm_interrupts_the_runs_and_ends_the_fetch_process(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path,
+) -> None:
+    stalled = stalled_pull(tenant_server, tenant_id, tmp_path)
+    stalled.proc.send_signal(signal.SIGTERM)
+    _, err = stalled.proc.communicate(timeout=30)
+    assert stalled.proc.returncode == 1 and "interrupted" in err, err
+    assert gone(stalled.fetch_pid, 10)
+    status = {r["scope"]: r["status"] for r in runs(stalled.store_url, stalled.tenant)}
+    assert status["customer"] == "interrupted"
+    stalled.assert_a_rerun_converges()
 
 
 def test_the_fetch_process_ends_when_the_main_process_is_killed(
@@ -176,45 +195,26 @@ def test_the_fetch_process_ends_when_the_main_process_is_killed(
 ) -> None:
     """SIGKILL leaves no orphan: the fetch process sees its pipe close and exits; the next
     pull resumes at the checkpoint."""
-    data = datasets(tenant_server, tenant_id, 1)
-    tenant, dataset = next(iter(data.items()))
-    tenant_server.fail_next(tenant, "customers", Fault(), Fault(delay_s=3))
-    store_url = f"sqlite:///{tmp_path}/p.db"
-    config = write_many(tmp_path, tenant_server, [tenant], store_url=store_url)
-    proc = start_pull(config)
-    assert proc.stderr is not None
-    pid = fetch_pid(proc.stderr)
-    _wait_for_request(tenant_server, tenant, 2, timeout_s=30)
-    proc.kill()
-    proc.communicate(timeout=30)
-    assert gone(pid, 10)
-    assert pull("--config", str(config)).returncode == 0
-    for scope in SCOPES:
-        assert_store_equals_source(store_url, tenant, dataset, scope)
+    stalled = stalled_pull(tenant_server, tenant_id, tmp_path)
+    stalled.proc.kill()
+    stalled.proc.communicate(timeout=30)
+    assert gone(stalled.fetch_pid, 10)
+    stalled.assert_a_rerun_converges()
 
 
 def test_a_dead_fetch_process_fails_its_runs_with_what_happened(
     tenant_server: TenantServer, tenant_id: str, tmp_path: Path,
 ) -> None:
-    data = datasets(tenant_server, tenant_id, 1)
-    tenant, dataset = next(iter(data.items()))
-    tenant_server.fail_next(tenant, "customers", Fault(), Fault(delay_s=3))
-    store_url = f"sqlite:///{tmp_path}/p.db"
-    config = write_many(tmp_path, tenant_server, [tenant], store_url=store_url)
-    proc = start_pull(config)
-    assert proc.stderr is not None
-    pid = fetch_pid(proc.stderr)
-    _wait_for_request(tenant_server, tenant, 2, timeout_s=30)
-    os.kill(pid, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 1
-    assert (f"the fetch process (pid {pid}) ended with exit code -9 while this run was "
-            "fetching") in out
+    stalled = stalled_pull(tenant_server, tenant_id, tmp_path)
+    os.kill(stalled.fetch_pid, signal.SIGKILL)
+    out, _ = stalled.proc.communicate(timeout=30)
+    assert stalled.proc.returncode == 1
+    assert (f"the fetch process (pid {stalled.fetch_pid}) ended with exit code -9 while this "
+            "run was fetching") in out
     assert "pull without --fetch-process if this repeats" in out
-    assert {r["scope"]: r["status"] for r in runs(store_url, tenant)}["customer"] == "failed"
-    assert pull("--config", str(config)).returncode == 0
-    for scope in SCOPES:
-        assert_store_equals_source(store_url, tenant, dataset, scope)
+    status = {r["scope"]: r["status"] for r in runs(stalled.store_url, stalled.tenant)}
+    assert status["customer"] == "failed"
+    stalled.assert_a_rerun_converges()
 
 
 def test_a_tenant_of_its_own_dataset_is_pulled_in_cursor_mode_too(

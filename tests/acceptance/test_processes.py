@@ -45,6 +45,18 @@ def datasets(server: TenantServer, tenant_id: str, count: int) -> dict[str, Data
             for n in range(count)}
 
 
+def assert_each_tenant_stored_in_import_order(store_url: str,
+                                              data: dict[str, Dataset]) -> None:
+    """Each tenant's store equals its source, its orders run after customers and products."""
+    for tenant, dataset in data.items():
+        history = runs(store_url, tenant)
+        order = next(r for r in history if r["scope"] == "order")
+        assert all(r["finished_at"] <= order["started_at"] for r in history
+                   if r["scope"] != "order")
+        for scope in SCOPES:
+            assert_store_equals_source(store_url, tenant, dataset, scope)
+
+
 def test_shares_keep_a_tenants_scopes_together_round_robin() -> None:
     jobs = [("a", "customer"), ("a", "order"), ("b", "customer"), ("c", "customer"),
             ("c", "product")]
@@ -72,13 +84,7 @@ def test_processes_split_the_tenants_and_merge_the_summary(
     workers: dict[str, set[Any]] = {t: {r["worker"] for r in runs(store_url, t)} for t in data}
     assert all(len(w) == 1 for w in workers.values())  # a tenant's scopes stay together
     assert len(set().union(*workers.values())) == 2
-    for tenant, dataset in data.items():
-        history = runs(store_url, tenant)
-        order = next(r for r in history if r["scope"] == "order")
-        assert all(r["finished_at"] <= order["started_at"] for r in history
-                   if r["scope"] != "order")
-        for scope in SCOPES:
-            assert_store_equals_source(store_url, tenant, dataset, scope)
+    assert_each_tenant_stored_in_import_order(store_url, data)
 
 
 def test_a_failed_run_in_one_process_gives_exit_1_with_its_error(

@@ -403,13 +403,14 @@ def _row(what: str, store: str, size: int, total: int,
 def _print(rows: list[dict[str, Any]], args: argparse.Namespace, total: int) -> None:
     print(f"\n{total:,} customers ({args.tenants} tenant(s)), median of {args.repeat}, "
           f"whole processes; ratio = puller ÷ plain httpx loop at the same page size\n")
-    head = (f"{'what':38} {'store':8} {'page':>5} {'rec/s':>9} {'pages/s':>8} "
+    wide = max(38, *(len(r["what"]) for r in rows))
+    head = (f"{'what':{wide}} {'store':8} {'page':>5} {'rec/s':>9} {'pages/s':>8} "
             f"{'RSS MiB':>8} {'ratio':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else ""
-        print(f"{r['what']:38} {r['store']:8} {r['page_size']:>5} {r['rec_s']:>9,.0f} "
+        print(f"{r['what']:{wide}} {r['store']:8} {r['page_size']:>5} {r['rec_s']:>9,.0f} "
               f"{r['pages_s']:>8,.0f} {r['rss_mib']:>8.0f} {ratio:>6}")
     _targets(rows, args.latency_ms)
 

@@ -89,14 +89,16 @@ class FetchProcess:
             self._reader.start()
         self._keys += 1
         feed = self._feeds[self._keys] = _RemoteFeed(self, self._keys)
-        self.tell(("start", self._keys, job.tenant.id, job.scope.value, start, run_id))
+        if self._ended is not None:  # a sweep asked for after the fetch process died
+            feed.queue.put_nowait(("error", self._ended))
+        else:
+            self.tell(("start", self._keys, job.tenant.id, job.scope.value, start, run_id))
         return feed
 
     def tell(self, message: tuple[Any, ...]) -> None:
         """Send a message to the fetch process; if it is gone, its sweeps fail."""
         if self._ended is not None:
-            self._end(self._ended)
-            return
+            return  # each open sweep was told why, once
         try:
             _send(self._control, message)
         except OSError:  # EPIPE: it died; the reader says how
@@ -150,8 +152,9 @@ class FetchProcess:
                 "(pull without --fetch-process if this repeats)")
 
     def _end(self, reason: str) -> None:
-        if self._ended is None:
-            self._ended = reason
+        if self._ended is not None:  # a failed send and the reader's end of pipe both say so
+            return
+        self._ended = reason
         for feed in self._feeds.values():
             feed.queue.put_nowait(("error", reason))
 
@@ -264,9 +267,7 @@ class _Out:
         elif isinstance(item, BaseException):
             # A defect: the traceback is logged here, the run fails with what to do.
             logs.get_logger().error("fetch_crashed", exc_info=item)
-            _send(self._pages, (self._key, "error", (
-                f"internal error {type(item).__name__}: {item} — please report it with the "
-                "log; the next run resumes")))
+            _send(self._pages, (self._key, "error", pipeline.internal_error(item)))
         else:
             _send(self._pages, (self._key, "page", item))
 

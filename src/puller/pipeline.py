@@ -154,8 +154,7 @@ async def _leased_sweep(
             # A defect, not a tenant's or the database's fault: the run is recorded as
             # failed with the traceback in the log, and the worker carries on.
             log.exception("run_crashed")
-            status, error = "failed", (f"internal error {type(exc).__name__}: {exc} — please "
-                                       "report it with the log; the next run resumes")
+            status, error = "failed", internal_error(exc)
         except asyncio.CancelledError:
             # Shielded so an interrupted run is recorded as such before the task ends.
             await asyncio.shield(asyncio.to_thread(
@@ -175,6 +174,12 @@ async def _leased_sweep(
 
 
 _INTERRUPTED = "interrupted (shutdown or signal); the next run resumes at the checkpoint"
+
+
+def internal_error(exc: BaseException) -> str:
+    """A failed run's error for a defect in puller (its traceback is in the log)."""
+    return (f"internal error {type(exc).__name__}: {exc} — please report it with the log; "
+            "the next run resumes")
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,13 +3,14 @@
 Usage: scripts/bench [--records N] [--repeat R] [--page-sizes 50,500] [--no-postgres]
                      [--modes page,cursor] [--tenants T] [--concurrency C]
                      [--prefetch P] [--parallel-pages 1,4] [--processes 1,2]
-                     [--fetch-process off,on] [--latency-ms MS]
+                     [--fetch-process off,on] [--latency-ms MS] [--dlt]
 
 Every measurement is a whole process (interpreter start included), timed from spawn to
 exit, peak RSS from wait4; each is repeated and the median reported. Repeats are
 interleaved: each round runs every configuration once, so a slow spell of a shared
 machine hits them all alike. A fast tenant server with pre-rendered pages runs in a
-process of its own.
+process of its own. With --dlt, dlt's rest_api source loads the same pages into the same
+kind of store (merge on customer_id), from a venv of its own (.venv-dlt, made on first use).
 """
 
 from __future__ import annotations
@@ -159,6 +160,57 @@ def naive(url: str, size: int, store: str) -> None:
     print(count)
 
 
+DLT_REQUIREMENT = "dlt[sqlalchemy,postgres]==1.31.0"
+DLT_VENV = ROOT / ".venv-dlt"
+
+
+def dlt_load(url: str, size: int, store: str, folder: str) -> None:
+    """dlt's rest_api source → the store, merge on customer_id: the general ELT tool's way.
+    Runs in DLT_VENV (dlt is not one of puller's dependencies)."""
+    import dlt  # type: ignore[import-not-found]
+    from dlt.sources.helpers.rest_client.paginators import (  # type: ignore[import-not-found]
+        PageNumberPaginator,
+    )
+    from dlt.sources.rest_api import rest_api_source  # type: ignore[import-not-found]
+
+    source = rest_api_source({
+        "client": {"base_url": f"{url}/"},
+        "resources": [{
+            "name": "customers", "primary_key": "customer_id", "write_disposition": "merge",
+            "endpoint": {
+                "path": "b0/customers", "method": "POST", "json": {"shop": "bench.example.com"},
+                "params": {"page_size": size}, "data_selector": "data",
+                "paginator": PageNumberPaginator(base_page=1, page_param="page", total_path=None,
+                                                 has_more_path="meta.has_next_page"),
+            },
+        }],
+    })
+    if store.startswith("sqlite"):
+        destination = dlt.destinations.sqlalchemy(credentials=store)
+    else:
+        destination = dlt.destinations.postgres(credentials=_dlt_pg(store))
+    pipeline = dlt.pipeline(pipeline_name="bench", destination=destination,
+                            dataset_name="bench", pipelines_dir=folder)
+    pipeline.run(source)
+    print(pipeline.last_trace.last_normalize_info.row_counts.get("customers"))
+
+
+def _dlt_pg(store: str) -> str:
+    # dlt insists on a password; the bench's server trusts local connections and ignores it.
+    plain = store.replace("postgresql+psycopg://", "postgresql://", 1)
+    user, at, rest = plain.removeprefix("postgresql://").partition("@")
+    return plain if ":" in user else f"postgresql://{user}:unused{at}{rest}"
+
+
+def _dlt_python() -> str:
+    python = DLT_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"(creating {DLT_VENV.name} with {DLT_REQUIREMENT}, once)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(DLT_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", DLT_REQUIREMENT], check=True)
+    return str(python)
+
+
 # ---------------------------------------------------------------- measuring
 def _reap(argv: list[str], env: dict[str, str]) -> tuple[float, float, bytes, bytes, int]:
     started = time.perf_counter()
@@ -248,7 +300,11 @@ def main() -> int:
                         "off,on with one tenant, off with several)")
     parser.add_argument("--latency-ms", type=float, default=0.0,
                         help="the tenant server waits this long before each page")
+    parser.add_argument("--dlt", action="store_true",
+                        help=f"also load the pages with dlt ({DLT_REQUIREMENT}, installed in "
+                        f"{DLT_VENV.name} on first use)")
     parser.add_argument("--role", default="bench", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -262,6 +318,9 @@ def main() -> int:
         return 0
     if args.role == "naive":
         naive(args.url, args.size, args.store)
+        return 0
+    if args.role == "dlt":
+        dlt_load(args.url, args.size, args.store, args.folder)
         return 0
     return bench(args, sizes)
 
@@ -301,9 +360,11 @@ def _bench_size(me: list[str], url: str, folder: Path, size: int, stores: list[s
         lambda: run([*me, "--role", "plain", "--url", url, "--size", str(size),
                      "--tenants", str(args.tenants)]))]
     for store_kind in stores:
-        if args.tenants == 1:
+        if args.tenants == 1:  # the baselines load one tenant
             plan.append(("sequential loop + upsert + commit", store_kind,
                          _naive(me, url, folder, size, store_kind, total)))
+            plan += [("dlt rest_api → store (merge)", store_kind,
+                      _dlt(url, folder, size, store_kind, total))] if args.dlt else []
         processes = args.processes or ("1,2" if args.tenants > 1 else "1")
         fetching = args.fetch_process or ("off" if args.tenants > 1 else "off,on")
         runs = [(mode, int(parallel), int(split), fetch == "on")
@@ -369,6 +430,29 @@ def _naive(me: list[str], url: str, folder: Path, size: int, store_kind: str,
         sample = run([*me, "--role", "naive", "--url", url, "--size", str(size),
                       "--store", store])
         _verify(store, "naive_customers", total)
+        _dispose(store)
+        return sample
+    return measure
+
+
+def _dlt(url: str, folder: Path, size: int, store_kind: str,
+         total: int) -> Callable[[], Sample | None]:
+    """dlt into a fresh store with a fresh pipeline folder (one tenant only)."""
+    python = _dlt_python()
+    script = str(Path(__file__).resolve())
+
+    def measure() -> Sample | None:
+        store = _store(store_kind, folder)
+        if store is None:
+            return None
+        work = folder / f"dlt-{uuid.uuid4().hex[:8]}"
+        sample = run([python, script, "--role", "dlt", "--url", url, "--size", str(size),
+                      "--store", store, "--folder", str(work)])
+        # dlt keeps a SQLite dataset in a database file of its own beside the one named.
+        dataset = store.removesuffix(".db") + "__bench.db" if store.startswith("sqlite") \
+            else store
+        _verify(dataset, "customers" if store.startswith("sqlite") else "bench.customers",
+                total)
         _dispose(store)
         return sample
     return measure
@@ -440,6 +524,11 @@ def _targets(rows: list[dict[str, Any]], latency_ms: float) -> None:
             verdict = "met" if r["ratio"] >= need else "NOT met"
             print(f"target SQLite page {r['page_size']}: {r['what']} ≥ {need}x plain loop — "
                   f"{r['ratio']:.2f}x {verdict}")
+        dlt_rows = [d for d in rows if d["what"].startswith("dlt") and d["store"] == r["store"]
+                    and d["page_size"] == r["page_size"]]
+        if r["what"].startswith("puller") and dlt_rows:
+            print(f"against dlt, {r['store']} page {r['page_size']}: {r['what']} — "
+                  f"{r['rec_s'] / dlt_rows[0]['rec_s']:.1f}x dlt's records/s")
         if r["what"].startswith("puller") and r["store"] == "postgres":
             naive_rows = [n for n in rows if n["what"].startswith("sequential")
                           and n["store"] == "postgres" and n["page_size"] == r["page_size"]]

@@ -160,6 +160,45 @@ def naive(url: str, size: int, store: str) -> None:
     print(count)
 
 
+def sqlite_alone(records: int, size: int, folder: str) -> None:
+    """A floor: puller's own SQLite page transactions (upsert, run counters, checkpoint,
+    fsync'd commit) for every page, on puller's schema, the rows built beforehand. Prints
+    the seconds of that loop alone: what no pull into SQLite can go below."""
+    import sqlite3
+    from datetime import UTC, datetime
+
+    from puller import records as validation
+    from puller import upsert
+    from puller.domain import Checkpoint, Scope
+    from puller.store import Store
+    from puller.tenant_server import make_customer
+
+    path = Path(folder) / f"floor-{uuid.uuid4().hex[:8]}.db"
+    store = Store.open(f"sqlite:///{path}")  # the real schema: migrations, indexes
+    now = datetime.now(UTC)
+    run_id = store.start_run("b0", Scope.CUSTOMER, trigger="bench", now=now)
+    store.close()
+    people = [make_customer(i) for i in range(records)]
+    pages = [upsert.sqlite_rows(validation.validate_page(Scope.CUSTOMER,
+                                                         people[at:at + size]).accepted,
+                                Scope.CUSTOMER, tenant="b0", run_id=run_id, now=now)
+             for at in range(0, records, size)]
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    statement = upsert.statement(Scope.CUSTOMER, "sqlite")
+    started = time.perf_counter()
+    for number, rows in enumerate(pages, start=2):
+        db.execute("BEGIN")
+        db.executemany(statement, rows)
+        db.execute(upsert.SQLITE_COUNT, (len(rows), 0, 0, 0, run_id))
+        db.execute(upsert.SQLITE_CHECKPOINT, upsert.sqlite_checkpoint(
+            Checkpoint(next_number=number, next_page=number), Scope.CUSTOMER, tenant="b0",
+            run_id=run_id, now=now))
+        db.execute("COMMIT")
+    print(time.perf_counter() - started)
+
+
 DLT_REQUIREMENT = "dlt[sqlalchemy,postgres]==1.31.0"
 DLT_VENV = ROOT / ".venv-dlt"
 
@@ -303,6 +342,9 @@ def main() -> int:
     parser.add_argument("--dlt", action="store_true",
                         help=f"also load the pages with dlt ({DLT_REQUIREMENT}, installed in "
                         f"{DLT_VENV.name} on first use)")
+    parser.add_argument("--floors", action="store_true",
+                        help="also measure what no pull can go below: puller's imports, and "
+                        "puller's SQLite page transactions alone")
     parser.add_argument("--role", default="bench", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -310,19 +352,24 @@ def main() -> int:
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.page_sizes.split(",")]
-    if args.role == "serve":
-        serve(args.records, args.tenants, sizes, args.latency_ms / 1000)
-        return 0
-    if args.role == "plain":
-        plain(args.url, args.size, args.tenants)
-        return 0
-    if args.role == "naive":
-        naive(args.url, args.size, args.store)
-        return 0
-    if args.role == "dlt":
-        dlt_load(args.url, args.size, args.store, args.folder)
+    roles: dict[str, Callable[[], object]] = {  # what the bench runs in processes of its own
+        "serve": lambda: serve(args.records, args.tenants, sizes, args.latency_ms / 1000),
+        "plain": lambda: plain(args.url, args.size, args.tenants),
+        "naive": lambda: naive(args.url, args.size, args.store),
+        "sqlite-alone": lambda: sqlite_alone(args.records, args.size, args.folder),
+        "imports": _pull_imports,
+        "dlt": lambda: dlt_load(args.url, args.size, args.store, args.folder),
+    }
+    if args.role in roles:
+        roles[args.role]()
         return 0
     return bench(args, sizes)
+
+
+def _pull_imports() -> None:
+    """What a pull imports, and nothing else (the start-up floor)."""
+    import puller.cli
+    import puller.client  # noqa: F401
 
 
 def bench(args: argparse.Namespace, sizes: list[int]) -> int:
@@ -341,11 +388,48 @@ def bench(args: argparse.Namespace, sizes: list[int]) -> int:
             folder = Path(tmp)
             for size in sizes:
                 results += _bench_size(me, url, folder, size, stores, total, args)
+            floors = _floors(me, folder, sizes, args) if args.floors else {}
     finally:
         server.terminate()
         server.wait()
     _print(results, args, total)
+    if floors:
+        _print_floors(floors, results, total)
     return 0
+
+
+def _floors(me: list[str], folder: Path, sizes: list[int],
+            args: argparse.Namespace) -> dict[str, float]:
+    """Seconds, median of the repeats (interleaved): a process that imports what a pull
+    imports and exits; puller's SQLite page transactions alone at each page size."""
+    samples: dict[str, list[float]] = {}
+    for _ in range(args.repeat):
+        samples.setdefault("imports", []).append(run([*me, "--role", "imports"])[0])
+        for size in sizes:
+            out = run([*me, "--role", "sqlite-alone", "--records", str(args.records),
+                       "--size", str(size), "--folder", str(folder)])[2]
+            samples.setdefault(f"sqlite {size}", []).append(float(out))
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
+def _print_floors(floors: dict[str, float], rows: list[dict[str, Any]], total: int) -> None:
+    imports = floors["imports"]
+    print(f"\nfloors, {total:,} records:\n"
+          f"  puller's imports (a whole process that imports them and exits): {imports:.2f} s")
+    for key, alone in floors.items():
+        if not key.startswith("sqlite "):
+            continue
+        size = int(key.split()[1])
+        plain = [r for r in rows if r["what"].startswith("plain") and r["page_size"] == size]
+        line = (f"  SQLite alone at page {size} (puller's page transactions, rows built "
+                f"beforehand): {alone:.2f} s")
+        if plain:
+            best = imports + alone
+            need = 0.6 if size <= 50 else 0.4
+            line += (f"; imports + SQLite alone = {best:.2f} s: at most "
+                     f"{plain[0]['seconds'] / best:.2f}x the plain loop (target {need}x), "
+                     "if fetching, parsing and validating cost nothing on the critical path")
+        print(line)
 
 
 Sample = tuple[float, float, str]

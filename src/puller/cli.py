@@ -22,7 +22,7 @@ from rich.table import Table
 from puller import __version__, errors, fanout, logs, pipeline
 from puller.config import PullerConfig, load_config
 from puller.domain import PageOutcome, RunResult, Scope
-from puller.store import ScopeStatus, Store
+from puller.store import ScopeStatus, Store, dialect_of
 
 if TYPE_CHECKING:
     # Imported where HTTP is needed: aiohttp's import alone is ~0.25 s that `status`,
@@ -245,7 +245,8 @@ def _fetch_process(config: PullerConfig, jobs: Sequence[pipeline.Job]) -> fetche
     def run_loop(main: Coroutine[Any, Any, None]) -> None:
         _run_loop(main)
 
-    return fetcher.FetchProcess.start(jobs, config, run_loop=run_loop)
+    return fetcher.FetchProcess.start(jobs, config, run_loop=run_loop,
+                                      dialect=dialect_of(config.store))
 
 
 def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,

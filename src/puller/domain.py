@@ -147,12 +147,41 @@ class Accepted(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class StoreRows:
+    """A page's accepted records in a store's own form, made where they were validated.
+
+    `pull --fetch-process` makes them in the fetch process, so the main process, which
+    applies the pages one after another, neither unpickles record objects nor builds rows
+    (for a page of 500 customers 0.1 ms instead of 1.1; issue #5). Already newest per id
+    (`duplicates` were dropped); the store stamps them with the run and the time it
+    stores them.
+    """
+
+    dialect: str
+    """The SQLAlchemy dialect they were made for ("sqlite", "postgresql")."""
+    payload: Any
+    """sqlite: one tuple per record in the table's column order; postgresql: the JSON text
+    of the records."""
+    survivors: int
+    duplicates: int
+
+
+@dataclass(frozen=True, slots=True)
 class ValidatedPage:
     """The result of validating one page."""
 
     accepted: list[Accepted]
     rejections: list[Rejection]
     normalised: int = 0
+    rows: StoreRows | None = None
+    """The accepted records in the store's form instead; `accepted` is then empty."""
+
+    @property
+    def accepted_count(self) -> int:
+        """How many records of the page were accepted (duplicates of an id included)."""
+        if self.rows is None:
+            return len(self.accepted)
+        return self.rows.survivors + self.rows.duplicates
 
 
 @dataclass(frozen=True, slots=True)

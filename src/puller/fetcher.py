@@ -12,8 +12,11 @@ thread, event loop or open store connection. It serves every sweep of the
 pull over two pipes: the main process asks for a sweep from its checkpoint and returns a
 credit for each page it applied (so at most `prefetch + 1` pages of a sweep are fetched
 and not yet applied: memory stays flat), and the fetch process sends each page as it was
-validated (pickled: ~3 µs a customer each way). Acknowledgements (`commit_url`) stay with
-the main process: they follow the page's commit.
+validated, its records already in the store's form (domain.StoreRows: rows of plain values
+pickle and unpickle in 0.1 ms each for a page of 500 customers, the record objects took 0.7
+and 0.3 ms, and building the rows 0.7 ms moves off the main process, which is the busier of
+the two). Acknowledgements (`commit_url`) stay with the main process: they follow the
+page's commit.
 
 Failures are the sweep's, as without the option: a tenant's error, a broken page or a
 refused address fails that run with the same message. If the fetch process dies, every
@@ -26,6 +29,7 @@ POSIX only (os.fork).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import pickle
 import signal
@@ -35,11 +39,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
 from typing import IO, Any
 
-from puller import client, errors, logs, pipeline
+from puller import client, errors, logs, pipeline, upsert
 from puller.config import PullerConfig
-from puller.domain import Checkpoint
+from puller.domain import Checkpoint, ValidatedPage
 
 _HEAD = struct.Struct("<I")  # each message: its length, then the pickle
 _STOP_WAIT_S = 5.0
@@ -64,8 +69,9 @@ class FetchProcess:
 
     @classmethod
     def start(cls, jobs: Sequence[pipeline.Job], config: PullerConfig, *,
-              run_loop: RunLoop) -> FetchProcess:
-        """Fork the fetch process for these jobs; call before any thread or event loop."""
+              run_loop: RunLoop, dialect: str) -> FetchProcess:
+        """Fork the fetch process for these jobs; call before any thread or event loop.
+        `dialect`: the store's, whose form the records are sent in (StoreRows)."""
         sys.stdout.flush()
         sys.stderr.flush()
         control_read, control_write = os.pipe()
@@ -74,7 +80,7 @@ class FetchProcess:
         if pid == 0:  # the fetch process: never returns
             os.close(control_write)
             os.close(pages_read)
-            _serve(jobs, config, control_read, pages_write, run_loop)
+            _serve(jobs, config, control_read, pages_write, run_loop, dialect=dialect)
         os.close(control_read)
         os.close(pages_write)
         logs.get_logger().info("fetch_process_started", pid=pid)
@@ -185,7 +191,7 @@ class _RemoteFeed:
 
 # ---------------------------------------------------------------- the fetch process
 def _serve(jobs: Sequence[pipeline.Job], config: PullerConfig, control: int, pages: int,
-           run_loop: RunLoop) -> None:
+           run_loop: RunLoop, *, dialect: str) -> None:
     # Own process group and no Ctrl-C: the main process handles signals and ends this
     # process by closing the pipe, after recording its runs as interrupted.
     os.setpgid(0, 0)
@@ -194,7 +200,7 @@ def _serve(jobs: Sequence[pipeline.Job], config: PullerConfig, control: int, pag
     code = 0
     try:
         run_loop(_fetch_sweeps({(j.tenant.id, j.scope.value): j for j in jobs}, config,
-                               control, pages))
+                               control, pages, dialect=dialect))
     except BaseException:  # whatever happens, the process must reach os._exit
         traceback.print_exc()
         code = 1
@@ -205,7 +211,7 @@ def _serve(jobs: Sequence[pipeline.Job], config: PullerConfig, control: int, pag
 
 
 async def _fetch_sweeps(jobs: dict[tuple[str, str], pipeline.Job], config: PullerConfig,
-                        control: int, pages: int) -> None:
+                        control: int, pages: int, *, dialect: str) -> None:
     """Serve sweeps until the main process closes the control pipe."""
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[Any] = asyncio.Queue()
@@ -230,7 +236,7 @@ async def _fetch_sweeps(jobs: dict[tuple[str, str], pipeline.Job], config: Pulle
                 slots = asyncio.Semaphore(job.callback.effective_prefetch + 1)
                 task = asyncio.create_task(_sweep(
                     job, rest[2], rest[3], http=http, config=config, slots=slots,
-                    out=_Out(pages, key)))
+                    out=_Out(pages, key, job=job, run_id=rest[3], dialect=dialect)))
                 sweeps[key] = (task, slots)
         for task, _ in sweeps.values():
             task.cancel()
@@ -253,11 +259,17 @@ async def _sweep(job: pipeline.Job, start: Checkpoint, run_id: int, *,
 
 
 class _Out:
-    """pipeline.Ahead for one sweep: its pages, error or end, sent to the main process."""
+    """pipeline.Ahead for one sweep: its pages, error or end, sent to the main process;
+    a page's records in the store's form (StoreRows), which the main process applies as
+    they come."""
 
-    def __init__(self, pages: int, key: int) -> None:
+    def __init__(self, pages: int, key: int, *, job: pipeline.Job, run_id: int,
+                 dialect: str) -> None:
         self._pages = pages
         self._key = key
+        self._job = job
+        self._run_id = run_id
+        self._dialect = dialect
 
     async def put(self, item: pipeline.Fetched | BaseException | None) -> None:
         if item is None:
@@ -269,7 +281,15 @@ class _Out:
             logs.get_logger().error("fetch_crashed", exc_info=item)
             _send(self._pages, (self._key, "error", pipeline.internal_error(item)))
         else:
-            _send(self._pages, (self._key, "page", item))
+            _send(self._pages, (self._key, "page", self._in_store_form(item)))
+
+    def _in_store_form(self, item: pipeline.Fetched) -> pipeline.Fetched:
+        page = item.page
+        rows = upsert.prepare(page.accepted, self._job.scope, self._dialect,
+                              tenant=self._job.tenant.id, run_id=self._run_id,
+                              now=datetime.now(UTC))  # the store stamps its own time
+        return dataclasses.replace(item, page=ValidatedPage(
+            accepted=[], rejections=page.rejections, normalised=page.normalised, rows=rows))
 
 
 def _send(fd: int, message: object) -> None:

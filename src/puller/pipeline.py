@@ -26,6 +26,7 @@ from puller.domain import (
     RunStats,
     RunStatus,
     Scope,
+    StoreRows,
     ValidatedPage,
     Where,
     import_waves,
@@ -54,7 +55,7 @@ class PageSink(Protocol):
     def apply_page(
         self, *, run_id: int, tenant: str, scope: Scope, page: str,
         accepted: Sequence[Accepted], rejections: Sequence[Rejection], checkpoint: Checkpoint,
-        normalised: int, now: datetime,
+        normalised: int, now: datetime, rows: StoreRows | None = None,
     ) -> PageOutcome: ...
 
     def count_failed_ack(self, run_id: int) -> None: ...
@@ -396,7 +397,7 @@ async def _apply(
         sink.apply_page, run_id=run_id, tenant=job.tenant.id, scope=job.scope,
         page=fetched.request.label, accepted=page.accepted, rejections=page.rejections,
         checkpoint=pagination.checkpoint_after(fetched.following), normalised=page.normalised,
-        now=clock.now(),
+        now=clock.now(), rows=page.rows,
     )
     logs.get_logger().debug("page_applied", records=fetched.records, applied=outcome.applied,
                             stale=outcome.stale, rejected=len(page.rejections))
@@ -411,7 +412,7 @@ async def _acknowledge(
 ) -> None:
     if job.callback.commit_url is None:
         return
-    ack = Ack(run_id=run_id, request=request, accepted=len(page.accepted),
+    ack = Ack(run_id=run_id, request=request, accepted=page.accepted_count,
               rejected=len(page.rejections))
     try:
         await source.acknowledge(ack)

@@ -26,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from puller import dberror, errors, merge, migration, schema, upsert
+from puller import dberror, errors, migration, schema, upsert
 from puller.dberror import BUSY_TIMEOUT_ENV
 from puller.domain import (
     Accepted,
@@ -36,6 +36,7 @@ from puller.domain import (
     RunStats,
     RunStatus,
     Scope,
+    StoreRows,
 )
 from puller.lease import LEASE_CLASS, Leases, worker_id
 
@@ -229,18 +230,32 @@ class Store:
         checkpoint: Checkpoint,
         normalised: int,
         now: datetime,
+        rows: StoreRows | None = None,
     ) -> PageOutcome:
-        """Store a page in one transaction: records, rejections, run counters, checkpoint."""
-        survivors, duplicates = merge.newest_per_id(accepted)
-        offered = duplicates + len(survivors)  # every accepted record not applied is stale
+        """Store a page in one transaction: records, rejections, run counters, checkpoint.
+
+        The records are `accepted`, or `rows` when they were put in this store's form
+        already (the fetch process); the store stamps them with `run_id` and `now`.
+        """
+        if rows is None:
+            rows = upsert.prepare(accepted, scope, self._dialect, tenant=tenant,
+                                  run_id=run_id, now=now)
+            records = rows.payload
+        elif rows.dialect != self._dialect:  # pragma: no cover - a defect, not input
+            raise AssertionError(f"rows for {rows.dialect} given to a {self._dialect} store")
+        elif self._dialect == "sqlite":
+            records = upsert.sqlite_stamped(rows.payload, run_id=run_id, now=now)
+        else:
+            records = rows.payload  # the document; run and time are the page's parameters
+        offered = rows.survivors + rows.duplicates  # every accepted record not applied is stale
         if self._dialect == "sqlite":
             applied = self._sqlite_page(
-                tenant, scope, survivors, rejections, checkpoint, run_id=run_id, page=page,
+                tenant, scope, records, rejections, checkpoint, run_id=run_id, page=page,
                 offered=offered, normalised=normalised, now=now)
         else:
             sql = upsert.pg_page_statement(scope)
             params = upsert.pg_page_params(
-                survivors, rejections, checkpoint, scope, tenant=tenant, run_id=run_id,
+                records, rejections, checkpoint, scope, tenant=tenant, run_id=run_id,
                 page=page, offered=offered, normalised=normalised, now=now)
             # On the run's lease connection (autocommit: the one statement is the page's
             # transaction) when there is one: a lease lost with its connection fails the
@@ -257,7 +272,7 @@ class Store:
         return PageOutcome(applied=applied, stale=offered - applied, rejected=len(rejections))
 
     def _sqlite_page(
-        self, tenant: str, scope: Scope, records: Sequence[Accepted],
+        self, tenant: str, scope: Scope, records: Sequence[tuple[Any, ...]],
         rejections: Sequence[Rejection], checkpoint: Checkpoint, *, run_id: int, page: str,
         offered: int, normalised: int, now: datetime,
     ) -> int:
@@ -270,8 +285,7 @@ class Store:
             if records:
                 # A stale row's DO UPDATE ... WHERE changes nothing, so the connection's
                 # change counter counts exactly the rows applied.
-                db.executemany(upsert.statement(scope, "sqlite"), upsert.sqlite_rows(
-                    records, scope, tenant=tenant, run_id=run_id, now=now))
+                db.executemany(upsert.statement(scope, "sqlite"), records)
             applied = int(db.total_changes - before)
             if rejections:
                 db.executemany(upsert.SQLITE_REJECT, upsert.sqlite_rejections(
@@ -401,3 +415,8 @@ def _sqlite_begin(conn: Connection) -> None:
 def _plain(mapping: Any) -> dict[str, Any]:
     """A row as a dict with plain `str` keys (SQLAlchemy's quoted names are a str subclass)."""
     return {str(key): value for key, value in mapping.items()}
+
+
+def dialect_of(url: str) -> str:
+    """The SQLAlchemy dialect name of a store URL ("sqlite", "postgresql")."""
+    return make_url(url).get_backend_name()

@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 from sqlalchemy import JSON, Table
 
-from puller import schema
-from puller.domain import Accepted, Checkpoint, Rejection, Scope
+from puller import merge, schema
+from puller.domain import Accepted, Checkpoint, Rejection, Scope, StoreRows
 
 SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 """SQLAlchemy's SQLite DATETIME text form: reads through schema.UtcDateTime still work,
@@ -29,17 +29,26 @@ and text order is time order because every value is UTC."""
 _FROM_PAGE = ("tenant_id", "run_id", "stored_at")  # bound once per page, not per row
 
 
-def pg_params(records: Sequence[Accepted], scope: Scope, *, tenant: str, run_id: int,
-              now: datetime) -> dict[str, Any]:
-    """The page's accepted records as one JSON document, plus the per-page values."""
+def prepare(records: Sequence[Accepted], scope: Scope, dialect: str, *, tenant: str,
+            run_id: int, now: datetime) -> StoreRows:
+    """A page's accepted records, newest per id, in the form `dialect`'s page write takes."""
+    survivors, duplicates = merge.newest_per_id(records)
+    payload: Any = (
+        sqlite_rows(survivors, scope, tenant=tenant, run_id=run_id, now=now)
+        if dialect == "sqlite" else pg_document(survivors, scope)
+    )
+    return StoreRows(dialect=dialect, payload=payload, survivors=len(survivors),
+                     duplicates=duplicates)
+
+
+def pg_document(records: Sequence[Accepted], scope: Scope) -> str:
+    """The records as the one JSON document of pg_page_statement."""
     key = scope.id_field
-    document = orjson.dumps([
+    return orjson.dumps([
         {key: r.record_id, "last_modified_date": _iso_time(r.last_modified_at),
          "deleted_at": None if r.deleted_at is None else _iso_time(r.deleted_at), **r.columns}
         for r in records
-    ])
-    return {"doc": document.decode(), "tenant_id": tenant, "run_id": run_id,
-            "stored_at": _iso_time(now)}
+    ]).decode()
 
 
 @cache
@@ -124,19 +133,18 @@ def pg_page_statement(scope: Scope) -> str:
     )
 
 
-def pg_page_params(records: Sequence[Accepted], rejections: Sequence[Rejection],
+def pg_page_params(document: str, rejections: Sequence[Rejection],
                    checkpoint: Checkpoint, scope: Scope, *, tenant: str, run_id: int,
                    page: str, offered: int, normalised: int, now: datetime) -> dict[str, Any]:
-    """The parameters of pg_page_statement."""
-    params = pg_params(records, scope, tenant=tenant, run_id=run_id, now=now)
-    params.update(
+    """The parameters of pg_page_statement; `document` from pg_document."""
+    return dict(
+        doc=document, tenant_id=tenant, run_id=run_id, stored_at=_iso_time(now),
         scope=scope.value, page=page, offered=offered, rejected=len(rejections),
         normalised=normalised, next_number=checkpoint.next_number,
         next_page=checkpoint.next_page, next_cursor=checkpoint.next_cursor,
         rejects=orjson.dumps([{"position": r.position, "record": r.raw,
                                "reasons": list(r.reasons)} for r in rejections]).decode(),
     )
-    return params
 
 
 def sqlite_rows(records: Sequence[Accepted], scope: Scope, *, tenant: str, run_id: int,
@@ -156,6 +164,14 @@ def sqlite_rows(records: Sequence[Accepted], scope: Scope, *, tenant: str, run_i
             run_id, stored_at,
         ))
     return rows
+
+
+def sqlite_stamped(rows: Sequence[tuple[Any, ...]], *, run_id: int,
+                   now: datetime) -> list[tuple[Any, ...]]:
+    """sqlite_rows made elsewhere (the fetch process), stamped with the run and the time
+    of storing: the last two columns of every record table."""
+    stamp = (run_id, _sqlite_time(now))
+    return [row[:-2] + stamp for row in rows]
 
 
 @cache

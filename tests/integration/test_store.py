@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from puller import errors, schema
+from puller import errors, schema, upsert
 from puller.domain import Accepted, Checkpoint, Rejection, Scope
 from puller.records import validate_page
 from puller.store import Store
@@ -121,6 +121,29 @@ def test_customer_columns_and_extra_round_trip(store: Store) -> None:
     assert row.extra == {"loyalty_tier": "silver", "nickname": "Zoë", "tags": ["ä", 1, None]}
     assert row.first_name == raw["first_name"] and row.last_name == raw["last_name"]
     assert row.last_modified_date.tzinfo is not None and row.stored_at == NOW
+
+
+@BACKENDS
+def test_rows_made_elsewhere_are_stamped_with_the_applying_run_and_time(store: Store) -> None:
+    """Records put in the store's form by the fetch process (another run id and clock)
+    store the same as records given as such: newest per id, duplicates stale, and the
+    run and time of the page that applies them."""
+    versions = [("p1", "2024-12-01T00:00:00Z"), ("p2", "2024-12-01T00:00:00Z"),
+                ("p1", "2024-12-02T00:00:00Z")]
+    run = store.start_run("acme", Scope.PRODUCT, trigger="test", now=NOW)
+    rows = upsert.prepare(_products(*versions), Scope.PRODUCT, store.engine.dialect.name,
+                          tenant="acme", run_id=run + 99, now=NOW - timedelta(days=3))
+    outcome = store.apply_page(run_id=run, tenant="acme", scope=Scope.PRODUCT, page="1",
+                               accepted=[], rejections=[], checkpoint=Checkpoint(2, 2, None),
+                               normalised=0, now=NOW, rows=rows)
+    assert (outcome.applied, outcome.stale) == (2, 1)
+    with store.engine.connect() as conn:
+        stored = {r.product_id: r for r in conn.execute(sa.select(schema.products))}
+    assert stored["p1"].last_modified_date == datetime(2024, 12, 2, tzinfo=UTC)
+    assert {(r.run_id, r.stored_at) for r in stored.values()} == {(run, NOW)}
+    stats = store.finish_run(run, status="succeeded", now=NOW)
+    assert (stats.pages, stats.accepted, stats.stale) == (1, 2, 1)
+    assert store.load_checkpoint("acme", Scope.PRODUCT) == Checkpoint(2, 2, None)
 
 
 def test_unsupported_store_url_says_what_to_use() -> None:

@@ -73,7 +73,8 @@ def test_a_pull_with_a_fetch_process_stores_what_one_without_it_does(
 ) -> None:
     """Every scope of several tenants, invalid records among them (their rejections cross
     the pipe too), acknowledged: every run succeeds, the store equals the source, orders
-    after their customers and products, one ack per page."""
+    after their customers and products, one ack per page, and the acks count the records
+    accepted (applied or stale) and rejected, though the records crossed as store rows."""
     data = datasets(tenant_server, tenant_id, 3)
     config = with_acks(write_many(tmp_path, tenant_server, list(data), store_url=store_url),
                        tenant_server)
@@ -86,7 +87,10 @@ def test_a_pull_with_a_fetch_process_stores_what_one_without_it_does(
     assert_each_tenant_stored_in_import_order(store_url, data)
     for tenant in data:
         acks = [a for a in tenant_server.acks if a["tenant"] == tenant]
-        assert len(acks) == sum(r["pages"] for r in runs(store_url, tenant))
+        stored = runs(store_url, tenant)
+        assert len(acks) == sum(r["pages"] for r in stored)
+        assert sum(a["accepted"] for a in acks) == sum(r["accepted"] + r["stale"] for r in stored)
+        assert sum(a["rejected"] for a in acks) == sum(r["rejected"] for r in stored) > 0
 
 
 def test_it_combines_with_processes(tenant_server: TenantServer, tenant_id: str,

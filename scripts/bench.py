@@ -135,11 +135,10 @@ def naive(url: str, size: int, store: str) -> None:
     table = sa.Table("naive_customers", meta, sa.Column("customer_id", sa.String, primary_key=True),
                      sa.Column("doc", sa.Text), sa.Column("lmd", sa.String))
     meta.create_all(engine)
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(table)
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(table)
     stmt = stmt.on_conflict_do_update(index_elements=[table.c.customer_id],
                                       set_={"doc": stmt.excluded.doc, "lmd": stmt.excluded.lmd},
                                       where=table.c.lmd < stmt.excluded.lmd)

@@ -77,9 +77,22 @@ def _pg_url(database: str) -> str:
 @pytest.fixture
 def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
     """A fresh empty store URL per test: SQLite file or a fresh PostgreSQL database."""
-    backend = getattr(request, "param", "sqlite")
+    yield from _fresh_store_url(request, getattr(request, "param", "sqlite"),
+                                tmp_path / "puller.db")
+
+
+@pytest.fixture
+def second_store_url(request: pytest.FixtureRequest, tmp_path: Any,
+                     store_url: str) -> Iterator[str]:
+    """Another fresh empty store on store_url's backend, for tests that compare two."""
+    backend = "postgres" if store_url.startswith("postgresql") else "sqlite"
+    yield from _fresh_store_url(request, backend, tmp_path / "second.db")
+
+
+def _fresh_store_url(request: pytest.FixtureRequest, backend: str,
+                     sqlite_file: Any) -> Iterator[str]:
     if backend == "sqlite":
-        yield f"sqlite:///{tmp_path}/puller.db"
+        yield f"sqlite:///{sqlite_file}"
         return
     admin: sa.Engine = request.getfixturevalue("pg_admin")
     name = f"puller_test_{uuid.uuid4().hex[:12]}"

@@ -1,6 +1,7 @@
 """The Alembic adapter: which schema revision a database has, and upgrading it.
 
-Alembic is imported only to upgrade: checking the revision at start-up is one SELECT.
+Alembic is imported only to upgrade: checking the revision at start-up is one SELECT, and
+a fresh database is created at head from schema.py (create_head).
 """
 
 from __future__ import annotations
@@ -8,10 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import (
+    Column,
+    Connection,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    inspect,
+    text,
+)
+
+from puller import schema
 
 SCRIPTS = Path(__file__).parent / "migrations"
-HEAD = "0002"
+HEAD = "0003"
 """The revision this code needs; a test checks it is the newest script in migrations/."""
 
 
@@ -31,6 +43,23 @@ def current(conn: Connection) -> str | None:
 def is_empty(conn: Connection) -> bool:
     """True when the database has no puller table yet (a fresh store)."""
     return not inspect(conn).has_table("runs") and current(conn) is None
+
+
+_VERSION = Table(  # Alembic's own table, as Alembic creates it
+    "alembic_version", MetaData(), Column("version_num", String(32), nullable=False),
+    PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+)
+
+
+def create_head(conn: Connection) -> None:
+    """Create a fresh database's schema at head, inside the caller's transaction: schema.py's
+    tables, then the revision, which is Alembic's recipe for a database built from scratch
+    ("create_all, then stamp head") without importing Alembic. Running the three scripts
+    cost a first pull 0.13 s on SQLite and 0.25 s on PostgreSQL (issue #5); a test checks
+    that the scripts build the same schema."""
+    schema.metadata.create_all(conn)
+    _VERSION.create(conn)
+    conn.execute(_VERSION.insert().values(version_num=HEAD))
 
 
 def upgrade(conn: Connection, revision: str = "head") -> None:

@@ -130,7 +130,7 @@ class Store:
             with self._begin() as conn:
                 self._lock_schema(conn)
                 if migration.is_empty(conn):
-                    migration.upgrade(conn)
+                    migration.create_head(conn)
                     return
                 current = migration.current(conn)
         except errors.StoreError:

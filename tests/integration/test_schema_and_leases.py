@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -22,12 +23,57 @@ NOW = datetime(2026, 11, 25, tzinfo=UTC)
 
 
 @BACKENDS
-def test_a_fresh_store_is_migrated_to_head_and_matches_schema_py(store: Store) -> None:
-    """An empty database is upgraded on open; the migrated schema equals schema.py."""
+def test_a_fresh_store_is_created_at_head_and_matches_schema_py(store: Store) -> None:
+    """An empty database is brought to head on open; its schema equals schema.py."""
     current, needed = store.schema_revision()
     assert current == needed == migration.head()
     with store.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), schema.metadata) == []
+
+
+@BACKENDS
+def test_the_migration_scripts_build_what_a_fresh_store_gets(store_url: str,
+                                                             second_store_url: str) -> None:
+    """A fresh store is created from schema.py (migration.create_head); running every
+    migration script on an empty database must build the very same schema: tables,
+    columns, keys, indexes with their WHERE clauses, and the revision."""
+    engine = create_store_engine(store_url)
+    with engine.begin() as conn:
+        migration.upgrade(conn)
+    engine.dispose()
+    Store.open(second_store_url).close()  # migration.create_head
+    assert _schema_of(store_url) == _schema_of(second_store_url)
+
+
+def _schema_of(url: str) -> dict[str, Any]:
+    """Every table's columns, keys and indexes, and the revision, as the database says."""
+    engine = create_store_engine(url)
+    try:
+        with engine.connect() as conn:
+            look = sa.inspect(conn)
+            found: dict[str, Any] = {}
+            for table in sorted(look.get_table_names()):
+                found[table] = {
+                    "columns": [(c["name"], str(c["type"]), c["nullable"], c.get("default"))
+                                for c in look.get_columns(table)],
+                    "primary key": look.get_pk_constraint(table)["constrained_columns"],
+                    "unique": sorted(str(u) for u in look.get_unique_constraints(table)),
+                    "indexes": sorted((i["name"], tuple(i["column_names"]), i["unique"],
+                                       _index_where(conn, i["name"]))
+                                      for i in look.get_indexes(table)),
+                }
+            found["revision"] = migration.current(conn)
+            return found
+    finally:
+        engine.dispose()
+
+
+def _index_where(conn: sa.Connection, name: str | None) -> str:
+    sql = ("SELECT indexdef FROM pg_indexes WHERE indexname = :n"
+           if conn.dialect.name == "postgresql" else
+           "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = :n")
+    definition = str(conn.execute(sa.text(sql), {"n": name}).scalar_one())
+    return definition.partition(" WHERE ")[2]
 
 
 @BACKENDS
@@ -40,17 +86,49 @@ def test_a_store_behind_is_refused_until_db_upgrade(store_url: str) -> None:
                              "updated_at) VALUES ('acme', 'order', 4, 1, :now)"),
                      {"now": NOW.replace(tzinfo=None)})
     engine.dispose()
-    with pytest.raises(errors.SchemaError, match=r"at revision 0001, this puller needs 0002 .* "
-                       r"run `puller db upgrade --config PATH`"):
+    needs = rf"at revision 0001, this puller needs {migration.head()} .* "
+    with pytest.raises(errors.SchemaError, match=needs + r"run `puller db upgrade --config PATH`"):
         Store.open(store_url)
     store = Store.open(store_url, check_schema=False)
     try:
-        assert store.upgrade_schema() == "0002"
+        assert store.upgrade_schema() == migration.head()
     finally:
         store.close()
     store = Store.open(store_url)
     try:
         assert store.load_checkpoint("acme", Scope.ORDER).next_number == 4
+    finally:
+        store.close()
+
+
+@BACKENDS
+def test_deleted_at_indexes_hold_only_tombstones_and_serve_the_purge(store_url: str) -> None:
+    """0003: each record table's deleted_at index is partial (a live record writes no entry
+    in it), from 0002 as on a fresh store, and the purge's query still searches it."""
+    engine = create_store_engine(store_url)
+    with engine.begin() as conn:
+        migration.upgrade(conn, "0002")
+    engine.dispose()
+    store = Store.open(store_url, check_schema=False)
+    try:
+        store.upgrade_schema()
+        with store.engine.connect() as conn:
+            postgres = conn.dialect.name == "postgresql"
+            for table in schema.RECORD_TABLES.values():
+                name = f"ix_{table.name}_deleted_at"
+                definition = conn.execute(sa.text(
+                    "SELECT indexdef FROM pg_indexes WHERE indexname = :n" if postgres
+                    else "SELECT sql FROM sqlite_master WHERE name = :n"), {"n": name}).scalar_one()
+                assert "WHERE (deleted_at IS NOT NULL)" in definition if postgres else (
+                    definition.endswith("WHERE deleted_at IS NOT NULL")), definition
+                purge = sa.delete(table).where(table.c.deleted_at.is_not(None),
+                                               table.c.deleted_at < NOW)
+                sql = str(purge.compile(conn, compile_kwargs={"literal_binds": True}))
+                if postgres:
+                    conn.execute(sa.text("SET enable_seqscan = off"))
+                plan = " ".join(str(row) for row in conn.execute(sa.text(
+                    f"EXPLAIN {sql}" if postgres else f"EXPLAIN QUERY PLAN {sql}")))
+                assert name in plan, plan
     finally:
         store.close()
 

@@ -55,7 +55,7 @@ def create_head(conn: Connection) -> None:
     """Create a fresh database's schema at head, inside the caller's transaction: schema.py's
     tables, then the revision, which is Alembic's recipe for a database built from scratch
     ("create_all, then stamp head") without importing Alembic. Running the three scripts
-    cost a first pull 0.13 s on SQLite and 0.25 s on PostgreSQL (issue #5); a test checks
+    cost a first pull 0.13 s on SQLite and 0.2 s on PostgreSQL (issue #5); a test checks
     that the scripts build the same schema."""
     schema.metadata.create_all(conn)
     _VERSION.create(conn)

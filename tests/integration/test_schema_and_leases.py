@@ -103,8 +103,9 @@ def test_a_store_behind_is_refused_until_db_upgrade(store_url: str) -> None:
 
 @BACKENDS
 def test_deleted_at_indexes_hold_only_tombstones_and_serve_the_purge(store_url: str) -> None:
-    """0003: each record table's deleted_at index is partial (a live record writes no entry
-    in it), from 0002 as on a fresh store, and the purge's query still searches it."""
+    """0003: after 0002 -> head, each record table's deleted_at index is partial (a live
+    record writes no entry in it) and the purge's query still searches it. A fresh store
+    gets the same indexes (test_the_migration_scripts_build_what_a_fresh_store_gets)."""
     engine = create_store_engine(store_url)
     with engine.begin() as conn:
         migration.upgrade(conn, "0002")

@@ -4,8 +4,9 @@ One puller process is bound by one core: fetching, parsing and validating a page
 Python's GIL as much as applying it does. With `--fetch-process`, a second process fetches,
 parses and validates every sweep's pages, in order, and the main process only applies
 them (one transaction per page, in order, the checkpoint with the page) and acknowledges
-them. The two run on two cores: 1.16-1.6x on one tenant at page size 50 in scripts/bench,
-about even at 500, where pickling a page costs about as much as validating it.
+them. The two run on two cores: in scripts/bench, one tenant, 1.16-1.84x at page size 50
+and 1.01-1.32x at 500 (the least with a PostgreSQL on the same two cores), where the
+fetch process is the busier of the two (README "Performance").
 
 The fetch process is forked before the event loop starts, when the main process has no
 thread, event loop or open store connection. It serves every sweep of the

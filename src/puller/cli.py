@@ -213,25 +213,27 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 def _pull_command(args: argparse.Namespace) -> int:
     config = read_config(args.config)
     jobs = select_jobs(config, args.tenant, args.scope, trigger="manual")
-    # Opened here even with --processes: an empty store is created once, before any child.
-    store = Store.open(config.store)
     keys = [(job.tenant.id, job.scope.value) for job in jobs]
     dealt = fanout.shares(keys, args.processes)
-    if len(dealt) > 1 or args.fetch_process:
-        store.close()  # no connection crosses a fork
     if len(dealt) > 1:
+        # An empty store is created once, before any child; no connection crosses a fork.
+        Store.open(config.store).close()
         return _pull_in_processes(args, config, jobs, dealt)
+    # Forked before the store opens: the fetch process sets up its HTTP clients while this
+    # process opens the store (the first page is applied ~0.06 s sooner in scripts/bench).
     fetch = _fetch_process(config, jobs) if args.fetch_process else None
     try:
-        if fetch is not None:
-            store = Store.open(config.store)
-        results = _run_loop(_pull(config, jobs, store, concurrency=max(1, args.concurrency),
-                                  feeds=None if fetch is None else fetch.feed))
+        store = Store.open(config.store)
+        try:
+            results = _run_loop(_pull(config, jobs, store,
+                                      concurrency=max(1, args.concurrency),
+                                      feeds=None if fetch is None else fetch.feed))
+        finally:
+            store.close()
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(INTERRUPTED, file=sys.stderr)
         return EXIT_FAILED
     finally:
-        store.close()
         if fetch is not None:
             fetch.close()
     _print_pull_rows(_summary_rows(results), as_json=args.json)

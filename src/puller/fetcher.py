@@ -9,7 +9,8 @@ and 1.01-1.32x at 500 (the least with a PostgreSQL on the same two cores), where
 fetch process is the busier of the two (README "Performance").
 
 The fetch process is forked before the event loop starts, when the main process has no
-thread, event loop or open store connection. It serves every sweep of the
+thread, event loop or open store connection, and before the main process opens the store:
+it sets up its HTTP clients meanwhile. It serves every sweep of the
 pull over two pipes: the main process asks for a sweep from its checkpoint and returns a
 credit for each page it applied (so at most `prefetch + 1` pages of a sweep are fetched
 and not yet applied: memory stays flat), and the fetch process sends each page as it was
@@ -30,6 +31,7 @@ POSIX only (os.fork).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -226,6 +228,9 @@ async def _fetch_sweeps(jobs: dict[tuple[str, str], pipeline.Job], config: Pulle
     threading.Thread(target=read, name="puller-fetch-control", daemon=True).start()
     sweeps: dict[int, tuple[asyncio.Task[None], asyncio.Semaphore]] = {}
     async with client.HttpClients(allow_private_networks=config.allow_private_networks) as http:
+        for job in jobs.values():  # while the main process opens the store
+            with contextlib.suppress(errors.ConfigError):  # the main process reports it
+                http.for_tenant(job.tenant)
         while (message := await inbox.get()) is not None:
             kind, key, *rest = message
             if kind == "credit" and key in sweeps:

@@ -16,6 +16,8 @@ import orjson
 import pytest
 import yaml
 
+from puller import migration
+from puller.store import create_store_engine
 from puller.tenant_server import Dataset, Fault, TenantServer
 from tests.acceptance.test_cli import _env, _wait_for_request, assert_store_equals_source, runs
 from tests.acceptance.test_processes import (
@@ -219,6 +221,26 @@ def test_a_dead_fetch_process_fails_its_runs_with_what_happened(
     status = {r["scope"]: r["status"] for r in runs(stalled.store_url, stalled.tenant)}
     assert status["customer"] == "failed"
     stalled.assert_a_rerun_converges()
+
+
+def test_a_store_that_cannot_be_opened_fails_the_pull_and_ends_the_fetch_process(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path,
+) -> None:
+    """The fetch process is forked before the store opens; a store this puller refuses
+    (its schema behind) fails the pull with what to do, and the fetch process ends, having
+    fetched nothing."""
+    add_dataset(tenant_server, tenant_id, customers=5, products=0, orders=0)
+    store_url = f"sqlite:///{tmp_path}/behind.db"
+    engine = create_store_engine(store_url)
+    with engine.begin() as conn:
+        migration.upgrade(conn, "0001")
+    engine.dispose()
+    config = write_many(tmp_path, tenant_server, [tenant_id], store_url=store_url)
+    done = pull("--config", str(config))
+    assert done.returncode == 1, done.stderr
+    assert "run `puller db upgrade --config PATH`" in done.stderr
+    assert gone(fetch_pid(iter(done.stderr.splitlines())), 10)
+    assert not [path for path, _, _ in tenant_server.requests if f"/{tenant_id}/" in path]
 
 
 def test_a_tenant_of_its_own_dataset_is_pulled_in_cursor_mode_too(

@@ -253,7 +253,7 @@ class Store:
                 tenant, scope, records, rejections, checkpoint, run_id=run_id, page=page,
                 offered=offered, normalised=normalised, now=now)
         else:
-            sql = upsert.pg_page_statement(scope)
+            sql = upsert.pg_page_statement(scope, rejects=bool(rejections))
             params = upsert.pg_page_params(
                 records, rejections, checkpoint, scope, tenant=tenant, run_id=run_id,
                 page=page, offered=offered, normalised=normalised, now=now)

@@ -113,17 +113,22 @@ def sqlite_checkpoint(checkpoint: Checkpoint, scope: Scope, *, tenant: str, run_
 
 
 @cache
-def pg_page_statement(scope: Scope) -> str:
-    """One PostgreSQL statement for a whole page: upsert the records, insert the rejections,
-    add to the run's counters (stale = offered - applied), move the checkpoint. Run alone,
-    in autocommit, it is one transaction and one round trip; it returns the applied count."""
-    return (  # constant text and schema identifiers only; every value is bound
-        f"WITH up AS ({statement(scope, 'postgresql')}), "  # noqa: S608
+def pg_page_statement(scope: Scope, *, rejects: bool) -> str:
+    """One PostgreSQL statement for a whole page: upsert the records, insert the rejections
+    (`rejects`: the page has some), add to the run's counters (stale = offered - applied),
+    move the checkpoint. Run alone, in autocommit, it is one transaction and one round trip;
+    it returns the applied count. Without rejections the statement has no insert into
+    rejected_records: at page size 50 that part alone was ~8% of PostgreSQL's CPU and ~10%
+    of the statements' time, though it inserted nothing."""
+    rejected = (
         "rej AS (INSERT INTO rejected_records (tenant_id, scope, run_id, page, position, "
         "record, reasons, rejected_at) SELECT %(tenant_id)s, %(scope)s, %(run_id)s, %(page)s, "
         "j.position, j.record, j.reasons, %(stored_at)s "
         "FROM jsonb_to_recordset(%(rejects)s::jsonb) AS j(position int, record jsonb, "
         "reasons jsonb)), "
+    ) if rejects else ""
+    return (  # constant text and schema identifiers only; every value is bound
+        f"WITH up AS ({statement(scope, 'postgresql')}), {rejected}"  # noqa: S608
         "n AS (SELECT count(*) AS applied FROM up), "
         "cnt AS (UPDATE runs SET pages = pages + 1, accepted = accepted + n.applied, "
         "rejected = rejected + %(rejected)s, stale = stale + %(offered)s - n.applied, "
@@ -139,14 +144,17 @@ def pg_page_params(document: str, rejections: Sequence[Rejection],
                    checkpoint: Checkpoint, scope: Scope, *, tenant: str, run_id: int,
                    page: str, offered: int, normalised: int, now: datetime) -> dict[str, Any]:
     """The parameters of pg_page_statement; `document` from pg_document."""
-    return dict(
+    params: dict[str, Any] = dict(
         doc=document, tenant_id=tenant, run_id=run_id, stored_at=_iso_time(now),
         scope=scope.value, page=page, offered=offered, rejected=len(rejections),
         normalised=normalised, next_number=checkpoint.next_number,
         next_page=checkpoint.next_page, next_cursor=checkpoint.next_cursor,
-        rejects=orjson.dumps([{"position": r.position, "record": r.raw,
-                               "reasons": list(r.reasons)} for r in rejections]).decode(),
     )
+    if rejections:
+        params["rejects"] = orjson.dumps([
+            {"position": r.position, "record": r.raw, "reasons": list(r.reasons)}
+            for r in rejections]).decode()
+    return params
 
 
 def sqlite_rows(records: Sequence[Accepted], scope: Scope, *, tenant: str, run_id: int,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import os
 import pickle
 import signal
@@ -51,6 +52,7 @@ from puller.domain import Checkpoint, ValidatedPage
 
 _HEAD = struct.Struct("<I")  # each message: its length, then the pickle
 _STOP_WAIT_S = 5.0
+_PIPE_BYTES = 1 << 20  # Linux's default pipe-max-size
 
 RunLoop = Callable[[Coroutine[Any, Any, None]], None]
 
@@ -79,6 +81,7 @@ class FetchProcess:
         sys.stderr.flush()
         control_read, control_write = os.pipe()
         pages_read, pages_write = os.pipe()
+        _widen(pages_write)
         pid = os.fork()
         if pid == 0:  # the fetch process: never returns
             os.close(control_write)
@@ -296,6 +299,16 @@ class _Out:
                               now=datetime.now(UTC))  # the store stamps its own time
         return dataclasses.replace(item, page=ValidatedPage(
             accepted=[], rejections=page.rejections, normalised=page.normalised, rows=rows))
+
+
+def _widen(pipe: int) -> None:
+    """A pipe that holds a page of 500 customers (~140 KB) whole, where the system allows
+    (Linux): with the default 64 KiB the fetch process waited in os.write for the main
+    process's reader at every such page. 3-4% of a pull at page size 500 in scripts/bench
+    (5 interleaved rounds, PostgreSQL and SQLite)."""
+    if hasattr(fcntl, "F_SETPIPE_SZ"):
+        with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep the default
+            fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
 
 
 def _send(fd: int, message: object) -> None:

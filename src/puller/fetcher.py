@@ -18,7 +18,8 @@ validated, its records already in the store's form (domain.StoreRows: rows of pl
 pickle and unpickle in 0.1 ms each for a page of 500 customers, the record objects took 0.7
 and 0.3 ms, and building the rows 0.7 ms moves off the main process, which is the busier of
 the two). Acknowledgements (`commit_url`) stay with the main process: they follow the
-page's commit.
+page's commit. Without a commit_url (or a tenant's ca_bundle to check) the main process
+makes no request and imports no HTTP client: the fetch process imports it after the fork.
 
 Failures are the sweep's, as without the option: a tenant's error, a broken page or a
 refused address fails that run with the same message. If the fetch process dies, every
@@ -34,6 +35,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import gc
 import os
 import pickle
 import signal
@@ -44,11 +46,14 @@ import time
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from puller import client, errors, logs, pipeline, upsert
+from puller import errors, logs, pipeline, upsert
 from puller.config import PullerConfig
 from puller.domain import Checkpoint, ValidatedPage
+
+if TYPE_CHECKING:
+    from puller import client
 
 _HEAD = struct.Struct("<I")  # each message: its length, then the pickle
 _STOP_WAIT_S = 5.0
@@ -205,6 +210,11 @@ def _serve(jobs: Sequence[pipeline.Job], config: PullerConfig, control: int, pag
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     code = 0
     try:
+        # Imported here, not before the fork: the main process needs no HTTP client unless
+        # it acknowledges pages (cli.pull_now). Frozen as the main process froze its own.
+        from puller import client  # noqa: F401, PLC0415
+
+        gc.freeze()
         run_loop(_fetch_sweeps({(j.tenant.id, j.scope.value): j for j in jobs}, config,
                                control, pages, dialect=dialect))
     except BaseException:  # whatever happens, the process must reach os._exit
@@ -219,6 +229,7 @@ def _serve(jobs: Sequence[pipeline.Job], config: PullerConfig, control: int, pag
 async def _fetch_sweeps(jobs: dict[tuple[str, str], pipeline.Job], config: PullerConfig,
                         control: int, pages: int, *, dialect: str) -> None:
     """Serve sweeps until the main process closes the control pipe."""
+    from puller import client  # noqa: PLC0415 - imported by _serve
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[Any] = asyncio.Queue()
     source = os.fdopen(control, "rb")
@@ -255,6 +266,8 @@ async def _fetch_sweeps(jobs: dict[tuple[str, str], pipeline.Job], config: Pulle
 async def _sweep(job: pipeline.Job, start: Checkpoint, run_id: int, *,
                  http: client.HttpClients, config: PullerConfig, slots: asyncio.Semaphore,
                  out: _Out) -> None:
+    from puller import client  # noqa: PLC0415 - imported by _serve
+
     with logs.bound(tenant=job.tenant.id, scope=job.scope.value, run_id=run_id):
         try:
             source = client.CallbackSource(

@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import orjson
 import pytest
@@ -40,7 +40,7 @@ def start_pull(config: Path) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True, env=_env())
 
 
-def fetch_pid(stderr: IO[str]) -> int:
+def fetch_pid(stderr: Iterable[str]) -> int:
     """The fetch process's pid, from the main process's `fetch_process_started` log line."""
     for line in stderr:
         if '"fetch_process_started"' in line:
@@ -223,6 +223,31 @@ def test_a_dead_fetch_process_fails_its_runs_with_what_happened(
     stalled.assert_a_rerun_converges()
 
 
+def test_the_main_process_imports_no_http_client_when_it_has_nothing_to_acknowledge(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path,
+) -> None:
+    """Without commit_url the fetch process makes every request: the main process does not
+    import aiohttp or httpx (~0.1 s of start-up); with commit_url it does, to acknowledge.
+    What the main process imported is printed at its exit (the fetch process ends with
+    os._exit, which runs no atexit handler)."""
+    add_dataset(tenant_server, tenant_id, customers=25, products=0, orders=0)
+    store_url = f"sqlite:///{tmp_path}/p.db"
+    config = write_many(tmp_path, tenant_server, [tenant_id], store_url=store_url)
+    report = ("import atexit, sys; atexit.register(lambda: print('HTTP', 'aiohttp' in "
+              "sys.modules, 'httpx' in sys.modules)); from puller import cli; cli.main()")
+
+    def main_imports(path: Path) -> str:
+        done = subprocess.run([sys.executable, "-c", report, "pull", "--fetch-process",
+                               "--config", str(path)], capture_output=True, text=True,
+                              timeout=120, env=_env(), check=False)
+        assert done.returncode == 0, done.stderr
+        return next(line for line in done.stdout.splitlines() if line.startswith("HTTP"))
+
+    assert main_imports(config) == "HTTP False False"
+    assert main_imports(with_acks(config, tenant_server)) == "HTTP True True"
+    assert tenant_server.acks
+
+
 def test_a_store_that_cannot_be_opened_fails_the_pull_and_ends_the_fetch_process(
     tenant_server: TenantServer, tenant_id: str, tmp_path: Path,
 ) -> None:
@@ -239,7 +264,7 @@ def test_a_store_that_cannot_be_opened_fails_the_pull_and_ends_the_fetch_process
     done = pull("--config", str(config))
     assert done.returncode == 1, done.stderr
     assert "run `puller db upgrade --config PATH`" in done.stderr
-    assert gone(fetch_pid(iter(done.stderr.splitlines())), 10)
+    assert gone(fetch_pid(done.stderr.splitlines()), 10)
     assert not [path for path, _, _ in tenant_server.requests if f"/{tenant_id}/" in path]
 
 

@@ -265,10 +265,7 @@ class Store:
                 with self._begin() as conn:
                     applied = int(conn.exec_driver_sql(sql, params).scalar_one())
             else:
-                try:
-                    applied = int(leased.exec_driver_sql(sql, params).scalar_one())
-                except SQLAlchemyError as exc:
-                    raise _store_error(exc) from exc
+                applied = _pg_page_on(leased, sql, params)
         return PageOutcome(applied=applied, stale=offered - applied, rejected=len(rejections))
 
     def _sqlite_page(
@@ -399,6 +396,22 @@ class Store:
             return int(conn.execute(
                 select(func.count()).select_from(table).where(table.c.tenant_id == tenant)
             ).scalar_one())
+
+
+def _pg_page_on(leased: Connection, sql: str, params: dict[str, Any]) -> int:
+    """The page statement on the lease's psycopg connection itself: SQLAlchemy's execution
+    context around it was ~30-70 µs a page, and the page statement is on a pull's critical
+    path (5% of a pull with --fetch-process at page size 50, 6 interleaved rounds). A lost
+    connection still fails the write; SQLAlchemy finds it dead when the lease is released."""
+    import psycopg  # noqa: PLC0415 - loaded with the dialect already; SQLite never needs it
+
+    driver: psycopg.Connection[Any] = leased.connection.driver_connection  # type: ignore[assignment]
+    try:
+        row = driver.execute(sql, params).fetchone()
+    except psycopg.Error as exc:
+        raise _store_error(exc) from exc
+    assert row is not None  # the statement always returns its one count row
+    return int(row[0])
 
 
 def _store_error(exc: Exception) -> errors.StoreError:

@@ -196,6 +196,9 @@ class _RemoteFeed:
     def applied(self) -> None:
         self._owner.tell(("credit", self._key))
 
+    def ready(self) -> bool:
+        return not self.queue.empty()
+
     async def aclose(self) -> None:
         self._owner.forget(self._key)
 

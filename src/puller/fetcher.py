@@ -4,9 +4,10 @@ One puller process is bound by one core: fetching, parsing and validating a page
 Python's GIL as much as applying it does. With `--fetch-process`, a second process fetches,
 parses and validates every sweep's pages, in order, and the main process only applies
 them (one transaction per page, in order, the checkpoint with the page) and acknowledges
-them. The two run on two cores: in scripts/bench, one tenant, 1.16-1.84x at page size 50
+them. The two run on two cores: in scripts/bench, one tenant, 1.22-1.84x at page size 50
 and 1.01-1.32x at 500 (the least with a PostgreSQL on the same two cores), where the
-fetch process is the busier of the two (README "Performance").
+fetch process is the busier of the two on SQLite and PostgreSQL is the limit at page
+size 500 (README "Performance").
 
 The fetch process is forked before the event loop starts, when the main process has no
 thread, event loop or open store connection, and before the main process opens the store:

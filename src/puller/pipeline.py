@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -217,6 +218,8 @@ class PageFeed(Protocol):
 
 #: a feed for (job, its starting checkpoint, the run's id); LocalFeed unless given
 FeedFactory = Callable[[Job, Checkpoint, int], PageFeed]
+#: validates the records of one page of a job (records.validate_page unless given)
+Validate = Callable[[Sequence[object]], ValidatedPage]
 
 
 class Ahead(Protocol):
@@ -356,9 +359,10 @@ async def _apply_ready(
 
 async def produce(
     job: Job, paginator: pagination.Paginator, *, source: PageSource, ahead: Ahead,
-    slots: asyncio.Semaphore,
+    slots: asyncio.Semaphore, validate: Validate | None = None,
 ) -> None:
     """Fetch pages in order into `ahead`, each holding a slot until it is applied.
+    `validate`: how a page's records are validated (records.validate_page by default).
 
     With parallel_pages > 1 (page mode), the next page numbers are asked for before the
     tenant has said they exist, up to that many requests in flight and within the free
@@ -367,6 +371,8 @@ async def produce(
     included, dropped.
     """
     width = job.callback.parallel_pages
+    check = validate or functools.partial(records.validate_page, job.scope,
+                                          normalize_case=job.tenant.normalize_case)
     window: collections.deque[tuple[PageRequest, asyncio.Task[_Downloaded]]] = (
         collections.deque())
     request: PageRequest | None = paginator.first()
@@ -374,10 +380,11 @@ async def produce(
         while request is not None:
             if width == 1:  # one request at a time: no task per page
                 await slots.acquire()
-                downloaded = await _download(job, request, source)
+                downloaded = await _download(job, request, source, check)
             else:
                 downloaded = await _next_in_window(job, request, paginator, source=source,
-                                                   window=window, slots=slots, width=width)
+                                                   window=window, slots=slots, width=width,
+                                                   validate=check)
             with logs.bound(page=request.label):
                 fetched = _in_order(job, request, downloaded, paginator)
             await ahead.put(fetched)
@@ -396,18 +403,18 @@ async def produce(
 async def _next_in_window(
     job: Job, request: PageRequest, paginator: pagination.Paginator, *, source: PageSource,
     window: collections.deque[tuple[PageRequest, asyncio.Task[_Downloaded]]],
-    slots: asyncio.Semaphore, width: int,
+    slots: asyncio.Semaphore, width: int, validate: Validate,
 ) -> _Downloaded:
     """`request`'s page, with up to `width` predicted requests in flight behind it."""
     if not window:
         await slots.acquire()
-        window.append((request, _download_task(job, request, source)))
+        window.append((request, _download_task(job, request, source, validate)))
     while len(window) < width and not slots.locked():
         guess = paginator.predict(window[-1][0])
         if guess is None:
             break
         await slots.acquire()  # free (not locked): returns at once
-        window.append((guess, _download_task(job, guess, source)))
+        window.append((guess, _download_task(job, guess, source, validate)))
     asked, task = window.popleft()
     assert asked == request, (asked, request)
     return await task
@@ -432,19 +439,19 @@ class _Downloaded:
     page: ValidatedPage
 
 
-def _download_task(job: Job, request: PageRequest, source: PageSource
+def _download_task(job: Job, request: PageRequest, source: PageSource, validate: Validate
                    ) -> asyncio.Task[_Downloaded]:
-    return asyncio.create_task(_download(job, request, source))
+    return asyncio.create_task(_download(job, request, source, validate))
 
 
-async def _download(job: Job, request: PageRequest, source: PageSource) -> _Downloaded:
+async def _download(job: Job, request: PageRequest, source: PageSource,
+                    validate: Validate) -> _Downloaded:
     """fetch → parse → validate: what can run ahead, out of order."""
     with logs.bound(page=request.label):
         body = await source.fetch_page(request)
         envelope = protocol.parse_envelope(
             body, where=Where(job.tenant.id, job.scope, request.label))
-        page = records.validate_page(job.scope, envelope.data,
-                                     normalize_case=job.tenant.normalize_case)
+        page = validate(envelope.data)
     return _Downloaded(envelope, page)
 
 

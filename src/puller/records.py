@@ -145,16 +145,33 @@ def validate_page(
     A page whose every record is valid takes the fast path (one pydantic-core call for the
     page, see _fast_page); any other page is validated record by record, which explains.
     """
-    if normalize_case:
-        pairs = [normalised_case(raw) if isinstance(raw, dict) else (raw, 0) for raw in raws]
-        candidates: Sequence[object] = [pair[0] for pair in pairs]
-        changes = sum(pair[1] for pair in pairs)
-    else:
-        candidates, changes = raws, 0
+    candidates, changes = _candidates(raws, normalize_case=normalize_case)
     fast = _fast_page(scope, candidates)
     if fast is not None:
         return ValidatedPage(accepted=fast, rejections=[], normalised=changes)
     return _slow_page(scope, raws, normalize_case=normalize_case)
+
+
+def valid_customers(raws: Sequence[object], *, normalize_case: bool = False
+                    ) -> tuple[list[dict[str, Any]], int] | None:
+    """A customer page as pydantic-core validated it, with the count of case
+    normalisations, when the fast path accepts every record; None when it does not (then
+    validate_page decides and explains). For a page's store form built straight from these
+    dicts (upsert.customer_rows), with `customer_id_text`, `utc` and `customer_extra`: what
+    validate_page's records hold, without building them."""
+    candidates, changes = _candidates(raws, normalize_case=normalize_case)
+    try:
+        return _fast_adapter(Scope.CUSTOMER).validate_python(candidates), changes
+    except ValidationError:
+        return None
+
+
+def _candidates(raws: Sequence[object], *, normalize_case: bool
+                ) -> tuple[Sequence[object], int]:
+    if not normalize_case:
+        return raws, 0
+    pairs = [normalised_case(raw) if isinstance(raw, dict) else (raw, 0) for raw in raws]
+    return [pair[0] for pair in pairs], sum(pair[1] for pair in pairs)
 
 
 def _slow_page(scope: Scope, raws: Sequence[object], *, normalize_case: bool) -> ValidatedPage:
@@ -378,17 +395,26 @@ def _fast_page(scope: Scope, candidates: Sequence[object]) -> list[Accepted] | N
 
 def _fast_customers(valid: list[dict[str, Any]]) -> list[Accepted]:
     accepted = []
-    declared = _DECLARED
     for position, record in enumerate(valid):
-        record_id = record["customer_id"]
         deleted = record.get("deleted_at")
         columns = {name: record[name] for name in CUSTOMER_COLUMNS}
-        columns["extra"] = {k: v for k, v in record.items() if k not in declared}
+        columns["extra"] = customer_extra(record)
         accepted.append(Accepted(
-            record_id if type(record_id) is str else str(record_id),
-            _utc(record["last_modified_date"]), None if deleted is None else _utc(deleted),
-            columns, position))
+            customer_id_text(record["customer_id"]), utc(record["last_modified_date"]),
+            None if deleted is None else utc(deleted), columns, position))
     return accepted
+
+
+def customer_id_text(value: str | int) -> str:
+    """A fast-path id as stored: ids are text; an integer id is its decimal string."""
+    return value if type(value) is str else str(value)
+
+
+def customer_extra(record: dict[str, Any]) -> dict[str, Any]:
+    """A valid customer's fields beyond the declared ones, in the order sent: stored as
+    `extra`."""
+    declared = _DECLARED
+    return {k: v for k, v in record.items() if k not in declared}
 
 
 def _fast_payloads(scope: Scope, valid: list[dict[str, Any]],
@@ -404,13 +430,15 @@ def _fast_payloads(scope: Scope, valid: list[dict[str, Any]],
             columns = {"customer_id": str(record["customer_id"]), "payload": raw}
         deleted = record.get("deleted_at")
         accepted.append(Accepted(
-            str(record[key]), _utc(record["last_modified_date"]),
-            None if deleted is None else _utc(deleted), columns, position))
+            str(record[key]), utc(record["last_modified_date"]),
+            None if deleted is None else utc(deleted), columns, position))
     return accepted
 
 
 _DECLARED = _FastCustomer.__required_keys__ | _FastCustomer.__optional_keys__
 
 
-def _utc(value: str) -> datetime:
+def utc(value: str) -> datetime:
+    """A fast-path timestamp as stored: aware, in UTC. Raises ValueError for one of the
+    right shape that is no date (2024-13-01): the page then takes the explaining path."""
     return datetime.fromisoformat(value).astimezone(UTC)

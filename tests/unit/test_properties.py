@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any
 
 import yaml
@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
-from puller import errors
+from puller import errors, upsert
 from puller import records as rules
 from puller.config import PullerConfig, load_config
 from puller.domain import Scope
@@ -141,3 +141,49 @@ def test_fast_blank_check_agrees_with_python_on_every_code_point() -> None:
     except ValidationError as exc:
         refused = {chars[err["loc"][0]] for err in exc.errors()}  # type: ignore[index]
     assert refused == {c for c in chars if c.isspace()}
+
+
+@st.composite
+def customer_pages(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """A page of near-valid customers: ids that may repeat or be integers, timestamps of
+    every shape, deleted_at or not, extra fields in any order, a case to normalise."""
+    page = []
+    for _ in range(draw(st.integers(min_value=0, max_value=6))):
+        record = make_customer(draw(st.integers(min_value=0, max_value=3)))
+        if draw(st.booleans()):
+            record["customer_id"] = draw(st.integers(min_value=-(2**40), max_value=2**40)
+                                         | st.sampled_from(["c1", "c2", " c1", "c1 "]))
+        for field in draw(st.lists(st.sampled_from(["last_modified_date", "deleted_at",
+                                                    "zz_extra", "a_extra", "consent"]),
+                                   max_size=3)):
+            record[field] = draw(timestamps | field_values | st.sampled_from(["YES", "no"]))
+        page.append(record)
+    return page
+
+
+@settings(max_examples=800, suppress_health_check=[HealthCheck.too_slow])
+@given(page=customer_pages(), normalize=st.booleans(),
+       dialect=st.sampled_from(["sqlite", "postgresql"]))
+def test_customer_rows_are_what_prepare_makes_of_the_validated_records(
+    page: list[dict[str, Any]], normalize: bool, dialect: str,
+) -> None:
+    """The fetch process's shortcut (upsert.customer_rows from records.valid_customers)
+    stores exactly what validating and preparing the page stores, or declines; it declines
+    only pages with a repeated id (or a date that is no date), which then go the long way."""
+    now = datetime.now(UTC)
+    page_result = validate_page(Scope.CUSTOMER, page, normalize_case=normalize)
+    valid = rules.valid_customers(page, normalize_case=normalize)
+    if valid is None:
+        event("the fast path refused the page")
+        return
+    rows = upsert.customer_rows(valid[0], dialect, tenant="t", run_id=7, now=now)
+    expected = upsert.prepare(page_result.accepted, Scope.CUSTOMER, dialect, tenant="t",
+                              run_id=7, now=now)
+    if rows is None:
+        event("customer_rows declined")
+        assert expected.duplicates > 0 or page_result.rejections
+        return
+    event("customer_rows took it")
+    assert page_result.rejections == []
+    assert valid[1] == page_result.normalised
+    assert rows == expected

@@ -18,7 +18,8 @@ and not yet applied: memory stays flat), and the fetch process sends each page a
 validated, its records already in the store's form (domain.StoreRows: rows of plain values
 pickle and unpickle in 0.1 ms each for a page of 500 customers, the record objects took 0.7
 and 0.3 ms, and building the rows 0.7 ms moves off the main process, which is the busier of
-the two). Acknowledgements (`commit_url`) stay with the main process: they follow the
+the two; a clean customer page is built into that form straight from validation,
+_Out.validate). Acknowledgements (`commit_url`) stay with the main process: they follow the
 page's commit. Without a commit_url (or a tenant's ca_bundle to check) the main process
 makes no request and imports no HTTP client: the fetch process imports it after the fork.
 

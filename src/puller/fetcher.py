@@ -40,6 +40,7 @@ import fcntl
 import gc
 import os
 import pickle
+import queue
 import signal
 import struct
 import sys
@@ -73,9 +74,9 @@ class FetchProcess:
         self._pages: IO[bytes] = os.fdopen(pages, "rb", buffering=1 << 20)
         self._feeds: dict[int, _RemoteFeed] = {}
         self._keys = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: threading.Thread | None = None
         self._ended: str | None = None
+        self._ending = threading.Lock()  # the reader, the loop and a store thread may all end it
         self._status: int | None = None  # its wait status, once reaped
         self._reaping = threading.Lock()  # the reader thread and the loop may both ask
 
@@ -102,20 +103,23 @@ class FetchProcess:
     def feed(self, job: pipeline.Job, start: Checkpoint, run_id: int) -> pipeline.PageFeed:
         """Ask the fetch process for a sweep of `job` from `start`."""
         if self._reader is None:
-            self._loop = asyncio.get_running_loop()
             self._reader = threading.Thread(target=self._read, name="puller-fetch-reader",
                                             daemon=True)
             self._reader.start()
         self._keys += 1
-        feed = self._feeds[self._keys] = _RemoteFeed(self, self._keys)
+        # A sweep whose pages the store thread takes (pipeline.applied_in_thread) gets them
+        # straight from the reader thread; any other through the event loop.
+        loop = None if pipeline.applied_in_thread(job) else asyncio.get_running_loop()
+        feed = self._feeds[self._keys] = _RemoteFeed(self, self._keys, loop)
         if self._ended is not None:  # a sweep asked for after the fetch process died
-            feed.queue.put_nowait(("error", self._ended))
+            feed.deliver(("error", self._ended))
         else:
             self.tell(("start", self._keys, job.tenant.id, job.scope.value, start, run_id))
         return feed
 
     def tell(self, message: tuple[Any, ...]) -> None:
-        """Send a message to the fetch process; if it is gone, its sweeps fail."""
+        """Send a message to the fetch process; if it is gone, its sweeps fail. From any
+        thread: a message is far below PIPE_BUF, so each is written whole."""
         if self._ended is not None:
             return  # each open sweep was told why, once
         try:
@@ -145,23 +149,13 @@ class FetchProcess:
             return self._status
 
     def _read(self) -> None:
-        """The reader thread: hand each page to its sweep's feed, on the loop."""
-        assert self._loop is not None
-        while True:
-            message = _receive(self._pages)
-            try:
-                if message is None:
-                    self._loop.call_soon_threadsafe(self._end, self._gone())
-                    return
-                self._loop.call_soon_threadsafe(self._deliver, message)
-            except RuntimeError:  # the loop is closed: the pull is over
-                return
-
-    def _deliver(self, message: Any) -> None:
-        key, kind, payload = message
-        feed = self._feeds.get(key)
-        if feed is not None:  # else the sweep ended and dropped what was fetched ahead
-            feed.queue.put_nowait((kind, payload))
+        """The reader thread: hand each page to its sweep's feed."""
+        while (message := _receive(self._pages)) is not None:
+            key, kind, payload = message
+            feed = self._feeds.get(key)
+            if feed is not None:  # else the sweep ended and dropped what was fetched ahead
+                feed.deliver((kind, payload))
+        self._end(self._gone())
 
     def _gone(self) -> str:
         status = self._reap(0.5)
@@ -171,38 +165,65 @@ class FetchProcess:
                 "(pull without --fetch-process if this repeats)")
 
     def _end(self, reason: str) -> None:
-        if self._ended is not None:  # a failed send and the reader's end of pipe both say so
-            return
-        self._ended = reason
-        for feed in self._feeds.values():
-            feed.queue.put_nowait(("error", reason))
+        with self._ending:
+            if self._ended is not None:  # a failed send and the end of the pipe both say so
+                return
+            self._ended = reason
+            feeds = list(self._feeds.values())
+        for feed in feeds:
+            feed.deliver(("error", reason))
 
 
 class _RemoteFeed:
-    """A sweep's pages from the fetch process."""
+    """A sweep's pages from the fetch process: taken by the store thread (`take`), or,
+    when `loop` is given, awaited on that event loop (`next`)."""
 
-    def __init__(self, owner: FetchProcess, key: int) -> None:
+    def __init__(self, owner: FetchProcess, key: int,
+                 loop: asyncio.AbstractEventLoop | None) -> None:
         self._owner = owner
         self._key = key
-        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._loop = loop
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def deliver(self, item: tuple[str, Any]) -> None:
+        """A page, the end or an error for this sweep; from any thread."""
+        if self._loop is None:
+            self._inbox.put(item)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the pull is over
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def take(self) -> pipeline.Fetched | None:
+        return _unpack(self._inbox.get())
+
+    def wake(self) -> None:
+        self._inbox.put(("end", None))
 
     async def next(self) -> pipeline.Fetched | None:
-        kind, payload = await self.queue.get()
-        if kind == "page":
-            fetched: pipeline.Fetched = payload
-            return fetched
-        if kind == "end":
-            return None
-        raise errors.FetchProcessError(payload)
+        if self._loop is None:  # not what pipeline does with such a sweep, but correct
+            return await asyncio.to_thread(self.take)
+        return _unpack(await self._queue.get())
 
     def applied(self) -> None:
         self._owner.tell(("credit", self._key))
 
     def ready(self) -> bool:
-        return not self.queue.empty()
+        return not (self._inbox if self._loop is None else self._queue).empty()
 
     async def aclose(self) -> None:
         self._owner.forget(self._key)
+        self.wake()
+
+
+def _unpack(item: tuple[str, Any]) -> pipeline.Fetched | None:
+    kind, payload = item
+    if kind == "page":
+        fetched: pipeline.Fetched = payload
+        return fetched
+    if kind == "end":
+        return None
+    raise errors.FetchProcessError(payload)
 
 
 # ---------------------------------------------------------------- the fetch process

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import functools
 import threading
 import time
@@ -11,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from puller import errors, logs, pagination, protocol, records
 from puller.config import CallbackConfig, TenantConfig
@@ -216,6 +218,26 @@ class PageFeed(Protocol):
         ...
 
 
+@runtime_checkable
+class ThreadFeed(PageFeed, Protocol):
+    """A PageFeed whose pages a thread can wait for (fetcher's, fed by a reader thread)."""
+
+    def take(self) -> Fetched | None:
+        """The next page, blocking; None after the last (or after `wake`). Raises what
+        fetching it raised."""
+        ...
+
+    def wake(self) -> None:
+        """Make a `take` that waits return None."""
+        ...
+
+
+def applied_in_thread(job: Job) -> bool:
+    """Whether a sweep fed by a ThreadFeed is applied in a thread of its own that takes the
+    pages itself (_apply_in_thread): when no page waits for an acknowledgement."""
+    return job.callback.commit_url is None
+
+
 #: a feed for (job, its starting checkpoint, the run's id); LocalFeed unless given
 FeedFactory = Callable[[Job, Checkpoint, int], PageFeed]
 #: validates the records of one page of a job (records.validate_page unless given)
@@ -287,6 +309,10 @@ async def _sweep(
                 if item.following is not None and should_stop is not None and should_stop():
                     raise _StopRequested
             return
+        if isinstance(feed, ThreadFeed) and applied_in_thread(job):
+            await _apply_in_thread(job, run_id, feed, sink=sink, clock=clock, on_page=on_page,
+                                   should_stop=should_stop)
+            return
         while (item := await feed.next()) is not None:
             batch, ahead = await _ready_after(item, feed)
             await _apply_ready(job, run_id, batch, sink=sink, clock=clock, feed=feed,
@@ -295,6 +321,67 @@ async def _sweep(
                 raise ahead
     finally:
         await feed.aclose()
+
+
+async def _apply_in_thread(
+    job: Job, run_id: int, feed: ThreadFeed, *, sink: PageSink, clock: Clock,
+    on_page: PageHook | None, should_stop: StopCheck | None,
+) -> None:
+    """Apply the sweep's pages in a thread of its own that takes each from the feed as it
+    arrives: one transaction per page, in order, each credited as it commits; the hooks
+    follow on the loop, in order. No hand-off between threads per page but the page's own
+    arrival: a pull with --fetch-process at page size 50 took 2.50 -> 2.02 s on PostgreSQL
+    (5 interleaved rounds) against one thread call per pages waiting (_apply_ready).
+    Cancelled, the thread stops after the page in hand, as a thread call would.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    halt = threading.Event()
+
+    def apply_all() -> None:
+        while not halt.is_set() and (fetched := feed.take()) is not None:
+            if halt.is_set():
+                return
+            with logs.bound(page=fetched.request.label):
+                outcome = _store(job, run_id, fetched, sink=sink, clock=clock)
+            feed.applied()
+            loop.call_soon_threadsafe(_applied_page, job, fetched, outcome, on_page)
+            if fetched.following is not None and should_stop is not None and should_stop():
+                raise _StopRequested
+
+    def run() -> None:
+        outcome: BaseException | None = None
+        try:
+            apply_all()
+        except BaseException as exc:  # handed to the sweep, which raises it
+            outcome = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the pull is over
+            loop.call_soon_threadsafe(_settle, done, outcome)
+
+    context = contextvars.copy_context()  # the run's log bindings
+    threading.Thread(target=context.run, args=(run,), daemon=True,
+                     name=f"puller-apply-{job.tenant.id}-{job.scope.value}").start()
+    try:
+        await done
+    except asyncio.CancelledError:
+        halt.set()
+        feed.wake()
+        raise
+
+
+def _settle(done: asyncio.Future[None], outcome: BaseException | None) -> None:
+    if done.done():  # cancelled meanwhile
+        return
+    if outcome is None:
+        done.set_result(None)
+    else:
+        done.set_exception(outcome)
+
+
+def _applied_page(job: Job, fetched: Fetched, outcome: PageOutcome,
+                  on_page: PageHook | None) -> None:
+    with logs.bound(page=fetched.request.label):
+        _applied(job, fetched, outcome, on_page)
 
 
 async def _ready_after(item: Fetched, feed: PageFeed

@@ -1,8 +1,9 @@
-"""Pages fetched ahead are applied together in one thread call (pipeline._apply_ready), with
-the same semantics as one page at a time: one transaction per page, in order, the
-checkpoint with the page, a failure raised only after the pages before it, the hooks and
-credits per page, and a stop honoured after the page in hand. A feed that has every page
-ready at once makes the batches deterministic; the store is real."""
+"""Pages fetched ahead are applied together in one thread call (pipeline._apply_ready), or
+by a thread that takes them from the feed itself (pipeline._apply_in_thread, the fetch
+process's feed), with the same semantics as one page at a time: one transaction per page,
+in order, the checkpoint with the page, a failure raised only after the pages before it,
+the hooks and credits per page, and a stop honoured after the page in hand. A feed that
+has every page ready at once makes the batches deterministic; the store is real."""
 
 from __future__ import annotations
 
@@ -65,6 +66,23 @@ class ReadyFeed:
         return None
 
 
+class ReadyThreadFeed(ReadyFeed):
+    """The same pages, taken by the store thread (pipeline.ThreadFeed)."""
+
+    def take(self) -> pipeline.Fetched | None:
+        item = self.items.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def wake(self) -> None:
+        self.items.insert(0, None)
+
+
+FEEDS = pytest.mark.parametrize("feed_kind", [ReadyFeed, ReadyThreadFeed],
+                                ids=["batches", "thread"])
+
+
 class NoRequests:
     async def fetch_page(self, request: PageRequest) -> bytes:
         raise AssertionError("the feed brings every page")
@@ -118,11 +136,12 @@ async def _sweep(job: pipeline.Job, sink: Any, feed: ReadyFeed, *,
     return result, seen
 
 
+@FEEDS
 @BACKENDS
 async def test_pages_waiting_together_are_each_applied_in_order_with_their_checkpoint(
-    tenant_id: str, store: Store, store_url: str,
+    tenant_id: str, store: Store, store_url: str, feed_kind: type[ReadyFeed],
 ) -> None:
-    feed = ReadyFeed()
+    feed = feed_kind()
     result, seen = await _sweep(_job(tenant_id, store_url), store, feed)
     assert result.status == "succeeded", result.error
     assert (result.stats.pages, result.stats.accepted) == (PAGES, PAGES * SIZE)
@@ -132,13 +151,14 @@ async def test_pages_waiting_together_are_each_applied_in_order_with_their_check
     assert store.load_checkpoint(tenant_id, Scope.CUSTOMER) == Checkpoint()  # sweep done
 
 
+@FEEDS
 @BACKENDS
 async def test_a_failure_fetched_behind_waiting_pages_is_raised_after_they_are_applied(
-    tenant_id: str, store: Store, store_url: str,
+    tenant_id: str, store: Store, store_url: str, feed_kind: type[ReadyFeed],
 ) -> None:
     broken = errors.BrokenPageError(tenant=tenant_id, scope="customer", page=str(PAGES + 1),
                                     reason="not JSON")
-    feed = ReadyFeed(failure=broken)
+    feed = feed_kind(failure=broken)
     result, seen = await _sweep(_job(tenant_id, store_url), store, feed)
     assert result.status == "failed" and result.error == str(broken)
     assert result.stats.pages == PAGES and len(seen) == PAGES == feed.credits
@@ -146,11 +166,12 @@ async def test_a_failure_fetched_behind_waiting_pages_is_raised_after_they_are_a
         next_number=PAGES + 1, next_page=PAGES + 1)
 
 
+@FEEDS
 @BACKENDS
 async def test_a_store_failure_inside_a_batch_keeps_and_reports_the_pages_before_it(
-    tenant_id: str, store: Store, store_url: str,
+    tenant_id: str, store: Store, store_url: str, feed_kind: type[ReadyFeed],
 ) -> None:
-    feed = ReadyFeed()
+    feed = feed_kind()
     result, seen = await _sweep(_job(tenant_id, store_url), FailingOn(store, 3), feed)
     assert result.status == "failed" and "the database went away" in (result.error or "")
     assert result.stats.pages == 2 and len(seen) == 2 == feed.credits
@@ -159,11 +180,12 @@ async def test_a_store_failure_inside_a_batch_keeps_and_reports_the_pages_before
         next_number=3, next_page=3)
 
 
+@FEEDS
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 async def test_a_stop_asked_within_a_batch_ends_the_run_after_the_page_in_hand(
-    tenant_id: str, store: Store, store_url: str,
+    tenant_id: str, store: Store, store_url: str, feed_kind: type[ReadyFeed],
 ) -> None:
-    feed = ReadyFeed()
+    feed = feed_kind()
     asked: list[int] = []
 
     def should_stop() -> bool:

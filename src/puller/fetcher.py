@@ -19,7 +19,9 @@ validated, its records already in the store's form (domain.StoreRows: rows of pl
 pickle and unpickle in 0.1 ms each for a page of 500 customers, the record objects took 0.7
 and 0.3 ms, and building the rows 0.7 ms moves off the main process, which is the busier of
 the two; a clean customer page is built into that form straight from validation,
-_Out.validate). Acknowledgements (`commit_url`) stay with the main process: they follow the
+_Out.validate). A reader thread hands each page to its sweep: without a commit_url
+straight to the thread that applies it (pipeline.ThreadFeed), else to the event loop.
+Acknowledgements (`commit_url`) stay with the main process: they follow the
 page's commit. Without a commit_url (or a tenant's ca_bundle to check) the main process
 makes no request and imports no HTTP client: the fetch process imports it after the fork.
 

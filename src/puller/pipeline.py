@@ -410,7 +410,7 @@ async def _apply_ready(
     page is on the critical path: PostgreSQL waits for it); pages that arrived while the
     one before was applied now share one. Measured with --fetch-process, before
     _apply_in_thread took that case over: 7% less at page size 50 (PostgreSQL, 6
-    interleaved rounds); without it, PostgreSQL went from 0.96-1.05x to 1.13-1.28x of
+    interleaved rounds); without it, PostgreSQL went from 0.96-1.05x to 1.05-1.34x of
     scripts/bench's sequential loop. Each page is credited (`feed.applied`) as soon as it
     is committed, so fetching goes on meanwhile; the progress hooks follow. `should_stop`
     is asked after every committed page, as for one page at a time.

@@ -332,7 +332,7 @@ async def _apply_in_thread(
     follow on the loop, in order. No hand-off between threads per page but the page's own
     arrival: a pull with --fetch-process at page size 50 took 2.50 -> 2.02 s on PostgreSQL
     (5 interleaved rounds) against one thread call per pages waiting (_apply_ready).
-    Cancelled, the thread stops after the page in hand, as a thread call would.
+    Cancelled, the thread stops after the page in hand, and the sweep waits for it.
     """
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
@@ -349,6 +349,8 @@ async def _apply_in_thread(
             if fetched.following is not None and should_stop is not None and should_stop():
                 raise _StopRequested
 
+    ended: asyncio.Future[None] = loop.create_future()  # the thread has exited, however
+
     def run() -> None:
         outcome: BaseException | None = None
         try:
@@ -357,6 +359,7 @@ async def _apply_in_thread(
             outcome = exc
         with contextlib.suppress(RuntimeError):  # the loop is closed: the pull is over
             loop.call_soon_threadsafe(_settle, done, outcome)
+            loop.call_soon_threadsafe(_settle, ended, None)
 
     context = contextvars.copy_context()  # the run's log bindings
     threading.Thread(target=context.run, args=(run,), daemon=True,
@@ -366,6 +369,9 @@ async def _apply_in_thread(
     except asyncio.CancelledError:
         halt.set()
         feed.wake()
+        # The page in hand commits before the run is recorded as interrupted, the lease
+        # released and the store closed: no apply thread outlives its sweep.
+        await asyncio.shield(ended)
         raise
 
 

@@ -7,6 +7,8 @@ has every page ready at once makes the batches deterministic; the store is real.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -196,5 +198,44 @@ async def test_a_stop_asked_within_a_batch_ends_the_run_after_the_page_in_hand(
                                 should_stop=should_stop)
     assert result.status == "interrupted"
     assert result.stats.pages == 2 and len(seen) == 2 == feed.credits
+    assert store.load_checkpoint(tenant_id, Scope.CUSTOMER) == Checkpoint(
+        next_number=3, next_page=3)
+
+
+class HeldOn(FailingOn):
+    """The real store, whose apply_page holds the `nth` page until `release` is set."""
+
+    def __init__(self, store: Store, nth: int) -> None:
+        super().__init__(store, nth=0)
+        self._held = nth
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def apply_page(self, **page: Any) -> PageOutcome:
+        self._seen += 1
+        if self._seen == self._held:
+            self.holding.set()
+            self.release.wait(10)
+        return self._store.apply_page(**page)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_a_cancelled_sweep_waits_for_the_page_in_hand_before_recording_the_run(
+    tenant_id: str, store: Store, store_url: str,
+) -> None:
+    """SIGTERM cancels the pull while the apply thread is storing a page: the sweep waits
+    for that page's transaction, then records the run as interrupted, with that page
+    counted and no page after it applied; no apply thread outlives its sweep."""
+    held = HeldOn(store, 2)
+    task = asyncio.create_task(_sweep(_job(tenant_id, store_url), held, ReadyThreadFeed()))
+    assert await asyncio.to_thread(held.holding.wait, 10)
+    task.cancel()
+    await asyncio.sleep(0.2)
+    assert not task.done(), "the sweep ended while its page was still being stored"
+    held.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (run,) = store.list_runs(tenant=tenant_id)
+    assert (run["status"], run["pages"]) == ("interrupted", 2)
     assert store.load_checkpoint(tenant_id, Scope.CUSTOMER) == Checkpoint(
         next_number=3, next_page=3)

@@ -47,9 +47,9 @@ def customer_rows(valid: Sequence[dict[str, Any]], dialect: str, *, tenant: str,
     """A customer page in `dialect`'s form straight from pydantic-core's valid dicts
     (records.valid_customers): the same rows or document as `prepare` makes of the page's
     records (a property test checks it), without building those records first. For a page
-    of 500 customers in the fetch process: 1.7 → 0.9 ms on SQLite. None when the page needs
-    more: an id sent twice (prepare keeps the newest), or a timestamp of the right shape
-    that is no date."""
+    of 500 customers on SQLite: records then rows 1.7 ms, these rows 0.8 ms. None when the
+    page needs more: an id sent twice (prepare keeps the newest), or a timestamp of the
+    right shape that is no date."""
     ids = [rules.customer_id_text(record["customer_id"]) for record in valid]
     if len(set(ids)) != len(ids):
         return None

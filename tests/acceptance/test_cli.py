@@ -183,6 +183,37 @@ def test_config_check_validates_without_running(tenant_server: TenantServer,
     assert done.returncode == 0 and "valid" in done.stdout
 
 
+def test_the_command_ends_with_its_code_its_output_and_its_atexit_handlers(
+    tenant_server: TenantServer, tmp_path: Path,
+) -> None:
+    """cli.main ends the process at once (os._exit, no interpreter teardown): the exit code,
+    everything printed and the atexit handlers are kept; a thread that is not a daemon
+    still gets the interpreter's ending, which waits for it."""
+    config = write_config(tmp_path, tenant_server, "x", store_url=f"sqlite:///{tmp_path}/p.db",
+                          scopes={"customer": {}}, headers={"X-Api-Key": "${NOT_SET_VAR}"})
+    probe = ("import atexit, sys, threading, time; "
+             "atexit.register(lambda: print('atexit ran', flush=True)); "
+             "from puller import cli; "
+             "late = sys.argv.pop(1) == 'late'; "
+             "late and threading.Thread(target=lambda: (time.sleep(0.3), print('thread ended', "
+             "flush=True))).start(); "
+             "cli.main()")
+
+    def main(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", probe, *args], capture_output=True,
+                              text=True, timeout=60, env=_env(env), check=False)
+
+    done = main("-", "config", "check", str(config), env={"NOT_SET_VAR": "v"})
+    assert (done.returncode, done.stdout.splitlines()) == (0, [
+        line for line in done.stdout.splitlines() if "valid" in line] + ["atexit ran"])
+    done = main("-", "config", "check", str(config))
+    assert done.returncode == 2 and "NOT_SET_VAR is not set" in done.stderr
+    assert done.stdout == "atexit ran\n"
+    done = main("late", "config", "check", str(config), env={"NOT_SET_VAR": "v"})
+    assert done.returncode == 0 and done.stdout.splitlines()[-2:] == ["thread ended",
+                                                                    "atexit ran"]
+
+
 def test_status_shows_runs_without_secrets(tenant_server: TenantServer, tenant_id: str,
                                            tmp_path: Path) -> None:
     """status (table and --json) shows checkpoint and last run, never header values."""

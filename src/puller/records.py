@@ -50,7 +50,13 @@ def _timestamp(value: object) -> datetime:
         # Decided (README "Record rules"): without an offset the instant is ambiguous and
         # newest-wins could order versions wrongly, so the record is rejected, not guessed.
         raise ValueError(f"{value[:40]!r} has no UTC offset; send e.g. 2024-12-01T10:30:00Z")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+05:30 is before the year 1 in UTC
+        raise ValueError(
+            f"{value[:40]!r} is outside the years 1 to 9999 once in UTC; send the real time, "
+            "e.g. 2024-12-01T10:30:00Z"
+        ) from None
 
 
 def _record_id(value: object) -> object:
@@ -440,5 +446,9 @@ _DECLARED = _FastCustomer.__required_keys__ | _FastCustomer.__optional_keys__
 
 def utc(value: str) -> datetime:
     """A fast-path timestamp as stored: aware, in UTC. Raises ValueError for one of the
-    right shape that is no date (2024-13-01): the page then takes the explaining path."""
-    return datetime.fromisoformat(value).astimezone(UTC)
+    right shape that is no date (2024-13-01), or that is outside the years 1 to 9999 in
+    UTC: the page then takes the explaining path."""
+    try:
+        return datetime.fromisoformat(value).astimezone(UTC)
+    except OverflowError:
+        raise ValueError(value) from None

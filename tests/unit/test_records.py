@@ -56,12 +56,16 @@ def test_valid_customer_keeps_extra_fields_and_stores_utc() -> None:
         ({"email": "a@example.com\n"}, "is not a valid email address"),
         ({"last_modified_date": "2024-13-01T10:30:00Z"}, "is not an ISO 8601 timestamp"),
         ({"first_name": "\x1c\x1f"}, "first_name: must not be empty or blank"),
+        ({"last_modified_date": "0001-01-01T00:00:00+05:30"}, "outside the years 1 to 9999"),
+        ({"deleted_at": "9999-12-31T23:59:59-05:00"}, "deleted_at: '9999-12-31T23:59:59-05:00'"
+                                                      " is outside the years 1 to 9999"),
     ],
     ids=["missing-id", "empty-email", "blank-name", "gender-case", "gender-other", "consent-YES",
          "consent-bool", "email-no-domain", "email-space", "naive-timestamp", "bad-timestamp",
          "epoch-timestamp", "long-id", "long-email", "long-first", "long-last", "long-mobile",
          "long-language", "bad-language", "mobile-number", "bad-deleted-at",
-         "email-newline", "month-13", "separator-chars-only"],
+         "email-newline", "month-13", "separator-chars-only", "before-year-1-in-utc",
+         "after-year-9999-in-utc"],
 )
 def test_customer_rules_reject_with_a_reason(override: dict[str, Any], reason: str) -> None:
     """Each customer rule rejects the record and says which field and why."""

@@ -16,7 +16,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-import orjson
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -24,6 +23,7 @@ from rich.table import Table
 from puller import __version__, errors, fanout, logs, pipeline
 from puller.config import PullerConfig, load_config
 from puller.domain import Ack, PageOutcome, PageRequest, RunResult, Scope
+from puller.protocol import json_text
 from puller.store import ScopeStatus, Store, dialect_of
 
 if TYPE_CHECKING:
@@ -406,7 +406,7 @@ def _summary_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
 def _print_pull_rows(rows: Sequence[dict[str, Any]], *, as_json: bool) -> None:
     """The pull summary: a table with the errors below it, or JSON (`--json`)."""
     if as_json:
-        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.write(json_text(rows, indent=True) + "\n")
         return
     _print_table("puller pull", rows, ["tenant", "scope", "status", "pages", "accepted",
                                        "rejected", "stale", "duration_s", "run_id"])
@@ -420,7 +420,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         statuses = store.status([(t.id, s) for t in config.tenants for s in t.callbacks])
     rows = [_status_row(s) for s in statuses]
     if args.json:
-        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.write(json_text(rows, indent=True) + "\n")
     else:
         _print_table("puller status", rows, ["tenant", "scope", "next", "last_run",
                                              "last_status", "last_started_at", "pages",
@@ -512,7 +512,7 @@ def _cmd_rejects(args: argparse.Namespace) -> int:
                                   limit=args.limit)
     if not args.json:
         rows = [{**r, "reasons": "; ".join(r["reasons"]),
-                 "record": orjson.dumps(r["record"]).decode()[:80]} for r in rows]
+                 "record": json_text(r["record"])[:80]} for r in rows]
     _print_rows("puller rejects", rows, ["id", "tenant_id", "scope", "run_id", "page",
                                          "position", "reasons", "record"], as_json=args.json)
     return EXIT_OK
@@ -570,7 +570,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 def _print_rows(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str], *,
                 as_json: bool) -> None:
     if as_json:
-        sys.stdout.write(orjson.dumps(list(rows), option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.write(json_text(list(rows), indent=True) + "\n")
     else:
         _print_table(title, rows, columns)
 

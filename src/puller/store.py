@@ -11,7 +11,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import orjson
 from sqlalchemy import (
     Connection,
     Engine,
@@ -39,6 +38,7 @@ from puller.domain import (
     StoreRows,
 )
 from puller.lease import LEASE_CLASS, Leases, worker_id
+from puller.protocol import json_text
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 PG_POOL_SIZE = 10
@@ -56,8 +56,6 @@ class ScopeStatus:
     last_run: dict[str, Any] | None
 
 
-def _json(value: object) -> str:
-    return orjson.dumps(value).decode()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -82,7 +80,7 @@ def create_store_engine(url: str) -> Engine:
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            parsed, json_serializer=_json, connect_args={"check_same_thread": False}
+            parsed, json_serializer=json_text, connect_args={"check_same_thread": False}
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
@@ -91,7 +89,7 @@ def create_store_engine(url: str) -> Engine:
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
         # A run holds one connection for its lease and borrows one per page transaction.
-        return create_engine(parsed, json_serializer=_json, pool_pre_ping=True,
+        return create_engine(parsed, json_serializer=json_text, pool_pre_ping=True,
                              pool_size=PG_POOL_SIZE, max_overflow=PG_MAX_OVERFLOW)
     raise errors.StoreError(
         f"unsupported store URL scheme {parsed.drivername!r}; use sqlite:///PATH or "

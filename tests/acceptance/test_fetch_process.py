@@ -257,7 +257,8 @@ def test_customer_pages_stored_straight_from_validation_match_the_long_way(
     """The fetch process builds a clean customer page's rows straight from validation
     (upsert.customer_rows) and sends a page with a repeated id the long way (newest per
     id): an integer id stored as text, an offset time stored in UTC, the extra fields
-    kept, and the newest of three versions of c1 kept, two counted stale."""
+    kept (an integer beyond 64 bits exact), and the newest of three versions of c1 kept,
+    two counted stale."""
     data = add_dataset(tenant_server, tenant_id, customers=0, products=0, orders=0)
     data.records["customer"] = [
         make_customer(1, email="v2@example.com", last_modified_date=timestamp(20)),
@@ -268,6 +269,7 @@ def test_customer_pages_stored_straight_from_validation_match_the_long_way(
          "last_modified_date": "2024-12-01T12:00:00+02:00", "zz_note": [1, {"a": None}]},
         *[make_customer(n) for n in range(50, 55)],
     ]
+    data.records["customer"][-5]["zz_points"] = 123456789012345678901234567891  # > 64 bits
     config = write_many(tmp_path, tenant_server, [tenant_id], store_url=store_url)
     done = pull("--config", str(config), "--json")
     assert done.returncode == 0, done.stderr
@@ -281,7 +283,8 @@ def test_customer_pages_stored_straight_from_validation_match_the_long_way(
     assert stored["42"].last_modified_date == datetime(2024, 12, 1, 10, 0, tzinfo=UTC)
     assert stored["42"].extra == {"loyalty_tier": make_customer(42)["loyalty_tier"],
                                   "zz_note": [1, {"a": None}]}
-    assert stored["c50"].extra == {"loyalty_tier": make_customer(50)["loyalty_tier"]}
+    assert stored["c50"].extra == {"loyalty_tier": make_customer(50)["loyalty_tier"],
+                                   "zz_points": 123456789012345678901234567891}
 
 
 def test_a_store_that_cannot_be_opened_fails_the_pull_and_ends_the_fetch_process(

@@ -187,6 +187,39 @@ async def test_rejected_records_are_stored_with_every_reason_and_the_rest_applie
     assert len(rows(store, schema.customers, tenant_id)) == 5
 
 
+WIDE = 123456789012345678901234567891  # beyond 64 bits: orjson alone would read a float
+NARROW_WIDE = -(2**63) - 1  # 19 digits, one below the smallest 64-bit integer
+
+
+@BACKENDS
+@pytest.mark.parametrize("page_size", [2, 50], ids=["pages-of-2", "one-page"])
+async def test_integers_beyond_64_bits_are_stored_exactly(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str, page_size: int,
+) -> None:
+    """A number beyond 64 bits anywhere in a record is stored as sent, not rounded: a
+    customer's extra field, an order's payload and id, a rejected record's raw copy. Pages of 2
+    put some customers on a page of their own, with no such number."""
+    data = add_dataset(tenant_server, tenant_id, customers=5, orders=2)
+    data.records["customer"][1]["points"] = WIDE
+    data.records["customer"][3]["debt"] = {"cents": [NARROW_WIDE, 1.5]}
+    data.records["customer"][4].update(email="nope", points=-WIDE)
+    data.records["order"][0]["ref"] = WIDE
+    data.records["order"][1]["order_id"] = WIDE
+    config = config_for(tenant_server, tenant_id, store=store_url,
+                        scopes={"customer": {"page_size": page_size}, "order": {}})
+    results = await pull(config, store)
+    assert all(r.status == "succeeded" for r in results), [r.error for r in results]
+    customers = {r["customer_id"]: r for r in rows(store, schema.customers, tenant_id)}
+    assert customers["c1"]["extra"]["points"] == WIDE
+    assert customers["c3"]["extra"]["debt"] == {"cents": [NARROW_WIDE, 1.5]}
+    (rejected,) = rows(store, schema.rejected_records, tenant_id)
+    assert rejected["record"] == data.records["customer"][4]
+    orders = {r["order_id"]: r for r in rows(store, schema.orders, tenant_id)}
+    assert orders["o0"]["payload"] == data.records["order"][0]
+    assert orders[str(WIDE)]["payload"] == data.records["order"][1]
+    assert store.list_rejects(tenant=tenant_id)[0]["record"]["points"] == -WIDE
+
+
 async def test_normalize_case_is_counted_on_the_run(
     tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
 ) -> None:

@@ -459,6 +459,13 @@ async def produce(
     """Fetch pages in order into `ahead`, each holding a slot until it is applied.
     `validate`: how a page's records are validated (records.validate_page by default).
 
+    One request at a time (parallel_pages 1): the next page is asked for as soon as this
+    one says it exists, and this page is validated while the tenant answers (_ask). With
+    --fetch-process, from a tenant that takes 5 ms a page, a pull of 20k customers took 8%
+    less at page size 50 (4 interleaved rounds) and 17% less at 500 (5 rounds); from the
+    bench's tenant, which answers at once, and without --fetch-process (where one core is
+    the limit) no difference was measurable.
+
     With parallel_pages > 1 (page mode), the next page numbers are asked for before the
     tenant has said they exist, up to that many requests in flight and within the free
     slots. Pages are still handed on in order; when the sweep ends (or goes otherwise
@@ -470,18 +477,29 @@ async def produce(
                                           normalize_case=job.tenant.normalize_case)
     window: collections.deque[tuple[PageRequest, asyncio.Task[_Downloaded]]] = (
         collections.deque())
+    asked: asyncio.Task[Envelope] | None = None  # one request at a time: the next page's
     request: PageRequest | None = paginator.first()
     try:
         while request is not None:
-            if width == 1:  # one request at a time: no task per page
-                await slots.acquire()
-                downloaded = await _download(job, request, source, check)
+            if width == 1:
+                if asked is None:
+                    await slots.acquire()
+                    envelope = await _envelope(job, request, source)
+                else:
+                    envelope, asked = await asked, None
+                with logs.bound(page=request.label):
+                    following = _following(job, request, envelope, paginator)
+                asked = await _ask(job, following, source, slots)
+                with logs.bound(page=request.label):
+                    page = check(envelope.data)
+                fetched = Fetched(request=request, following=following, page=page,
+                                  records=len(envelope.data))
             else:
                 downloaded = await _next_in_window(job, request, paginator, source=source,
                                                    window=window, slots=slots, width=width,
                                                    validate=check)
-            with logs.bound(page=request.label):
-                fetched = _in_order(job, request, downloaded, paginator)
+                with logs.bound(page=request.label):
+                    fetched = _in_order(job, request, downloaded, paginator)
             await ahead.put(fetched)
             request = fetched.following
             if window and window[0][0] != request:
@@ -492,7 +510,42 @@ async def produce(
         # consumer waiting for the next page forever.
         await ahead.put(exc)
     finally:
+        if asked is not None:  # the sweep ended early (stopped, failed): its answer is dropped
+            await _dropped(asked, slots)
         await _drop(window, slots)
+
+
+async def _ask(job: Job, request: PageRequest | None, source: PageSource,
+               slots: asyncio.Semaphore) -> asyncio.Task[Envelope] | None:
+    """With one request at a time: ask for the next page as soon as the tenant has said it
+    exists, before this page is validated, so that validating this page and the tenant
+    answering the next one overlap. Only within a free slot (never with prefetch 0, as with
+    a commit_url: then the next request waits for this page's acknowledgement)."""
+    if request is None or slots.locked():
+        return None
+    await slots.acquire()  # free: at once
+    task = asyncio.create_task(_envelope(job, request, source))
+    try:
+        for _ in range(_SEND_YIELDS):  # the request is sent before validation holds the loop
+            await asyncio.sleep(0)
+    except asyncio.CancelledError:
+        await _dropped(task, slots)
+        raise
+    return task
+
+
+async def _dropped(task: asyncio.Task[Envelope], slots: asyncio.Semaphore) -> None:
+    """A page asked for ahead that the sweep no longer wants: cancelled, its slot freed."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    slots.release()
+
+
+_SEND_YIELDS = 3
+"""Turns of the event loop that a request takes to reach the socket: httpx over aiohttp
+writes it in the second (on a kept-alive connection; measured on asyncio and uvloop); one
+more to spare. A turn costs microseconds. Fewer only delays the request, which then
+overlaps less (tests/integration/test_pull.py says so if it comes to that)."""
 
 
 async def _next_in_window(
@@ -542,19 +595,31 @@ def _download_task(job: Job, request: PageRequest, source: PageSource, validate:
 async def _download(job: Job, request: PageRequest, source: PageSource,
                     validate: Validate) -> _Downloaded:
     """fetch → parse → validate: what can run ahead, out of order."""
+    envelope = await _envelope(job, request, source)
+    with logs.bound(page=request.label):
+        return _Downloaded(envelope, validate(envelope.data))
+
+
+async def _envelope(job: Job, request: PageRequest, source: PageSource) -> Envelope:
+    """fetch → parse."""
     with logs.bound(page=request.label):
         body = await source.fetch_page(request)
-        envelope = protocol.parse_envelope(
-            body, where=Where(job.tenant.id, job.scope, request.label))
-        page = validate(envelope.data)
-    return _Downloaded(envelope, page)
+        return protocol.parse_envelope(body, where=Where(job.tenant.id, job.scope,
+                                                         request.label))
 
 
 def _in_order(job: Job, request: PageRequest, downloaded: _Downloaded,
               paginator: pagination.Paginator) -> Fetched:
     """The tenant's status, the meta check and the next request: in page order."""
-    where = Where(job.tenant.id, job.scope, request.label)
     envelope = downloaded.envelope
+    return Fetched(request=request, following=_following(job, request, envelope, paginator),
+                   page=downloaded.page, records=len(envelope.data))
+
+
+def _following(job: Job, request: PageRequest, envelope: Envelope,
+               paginator: pagination.Paginator) -> PageRequest | None:
+    """The tenant's status, the meta check and the next request, if any."""
+    where = Where(job.tenant.id, job.scope, request.label)
     if envelope.status is not None and envelope.status != protocol.SUCCESS:
         raise errors.TenantReportedError(
             tenant=where.tenant, scope=where.scope.value, page=where.page,
@@ -563,9 +628,7 @@ def _in_order(job: Job, request: PageRequest, downloaded: _Downloaded,
     mismatch = pagination.meta_mismatch(request, envelope.meta)
     if mismatch:
         logs.get_logger().warning("page_meta_mismatch", detail=mismatch)
-    following = paginator.advance(request, envelope.meta, where=where)
-    return Fetched(request=request, following=following, page=downloaded.page,
-                    records=len(envelope.data))
+    return paginator.advance(request, envelope.meta, where=where)
 
 
 async def _apply(

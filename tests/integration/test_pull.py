@@ -12,7 +12,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from puller import pipeline, schema
+from puller import pipeline, records, schema
 from puller.config import TenantConfig
 from puller.domain import Checkpoint, Scope
 from puller.records import validate_page
@@ -492,6 +492,90 @@ async def test_prefetch_is_bounded_and_queue_style_tenants_stay_sequential(
     if lag > 1:
         gets_before_first_ack = order.index(("ack", 1))
         assert gets_before_first_ack > 1, "pages were fetched ahead"
+
+
+@pytest.mark.parametrize("pagination", ["page", "cursor"])
+async def test_the_next_page_is_asked_for_while_this_one_is_validated(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str,
+    monkeypatch: pytest.MonkeyPatch, pagination: str,
+) -> None:
+    """One request at a time, but the next page is asked for as soon as the tenant has said
+    it exists, and its answer comes while this page is validated: validating a page and
+    the tenant's work on the next overlap. Never a request beyond the last page."""
+    add_dataset(tenant_server, tenant_id, customers=30)
+    config = config_for(tenant_server, tenant_id, store=store_url, scopes={
+        "customer": {"page_size": 10, "pagination": pagination}})
+    validate = records.validate_page
+    seen: list[int] = []
+
+    def slow_validate(scope: Scope, raws: Any, **kw: Any) -> Any:
+        """Wait (up to 2 s) until the next page's request (of 3 pages) reaches the tenant."""
+        deadline = time.monotonic() + 2
+        while len(requests_to(tenant_server, tenant_id)) < min(len(seen) + 2, 3) \
+                and time.monotonic() < deadline:
+            time.sleep(0.005)
+        seen.append(len(requests_to(tenant_server, tenant_id)))
+        return validate(scope, raws, **kw)
+
+    monkeypatch.setattr(records, "validate_page", slow_validate)
+    (result,) = await pull(config, store)
+    assert result.status == "succeeded" and result.stats.pages == 3
+    assert seen == [2, 3, 3], "page k+1 was asked for while page k was validated"
+    assert len(requests_to(tenant_server, tenant_id)) == 3
+
+
+class _SecondPageNeverComes:
+    """A page source whose first page says a second exists, which never comes."""
+
+    async def fetch_page(self, request: Any) -> bytes:
+        if request.page == 1:
+            return orjson.dumps({"status": "success", "meta": {"has_next_page": True},
+                                 "data": [make_customer(1)]})
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def acknowledge(self, ack: Any) -> None:
+        raise AssertionError("pages are not acknowledged here")
+
+
+class _NeverTaken:
+    """An Ahead whose consumer never takes a page."""
+
+    def __init__(self) -> None:
+        self.got: list[Any] = []
+
+    async def put(self, item: Any) -> None:
+        self.got.append(item)
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("when", ["handing-on", "asking"])
+async def test_a_producer_ended_early_drops_the_page_it_asked_for_ahead(
+    monkeypatch: pytest.MonkeyPatch, when: str,
+) -> None:
+    """A sweep that ends (stopped, failed, cancelled) while the next page was already
+    asked for: that request is cancelled and its slot freed, however the producer was
+    cancelled (handing page 1 on, or still sending page 2's request)."""
+    config = TenantConfig.model_validate({
+        "id": "acme", "shop": "acme.test",
+        "callbacks": {"customer": {"url": "https://tenant.test/c"}}})
+    job = pipeline.Job(tenant=config, scope=Scope.CUSTOMER)
+    slots = asyncio.Semaphore(3)
+    ahead = _NeverTaken()
+    if when == "asking":  # cancelled in the turns of the loop that send the request
+        monkeypatch.setattr(pipeline, "_SEND_YIELDS", 1000)
+    producer = asyncio.create_task(pipeline.produce(
+        job, pipeline.paginator_for(job.callback, Checkpoint()),
+        source=_SecondPageNeverComes(), ahead=ahead, slots=slots))
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert len(ahead.got) == (1 if when == "handing-on" else 0)
+    producer.cancel()
+    await asyncio.gather(producer, return_exceptions=True)
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+    for _ in range(2):  # page 1 holds its slot (until applied, and this sweep is over)
+        await asyncio.wait_for(slots.acquire(), 1)
+    assert slots.locked()
 
 
 class _BrokenSource:

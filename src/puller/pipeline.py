@@ -477,7 +477,7 @@ async def produce(
                                           normalize_case=job.tenant.normalize_case)
     window: collections.deque[tuple[PageRequest, asyncio.Task[_Downloaded]]] = (
         collections.deque())
-    asked: asyncio.Task[Envelope] | None = None  # one request at a time: the next page's
+    asked: asyncio.Task[Envelope] | None = None  # width 1: the next page, asked for (_ask)
     request: PageRequest | None = paginator.first()
     try:
         while request is not None:

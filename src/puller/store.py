@@ -56,8 +56,6 @@ class ScopeStatus:
     last_run: dict[str, Any] | None
 
 
-
-
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # pysqlite would otherwise commit DDL implicitly; with its own transaction handling off
     # and BEGIN emitted by SQLAlchemy (_sqlite_begin), migrations are transactional too.

@@ -260,14 +260,7 @@ async def _fetch_sweeps(jobs: dict[tuple[str, str], pipeline.Job], config: Pulle
     from puller import client  # noqa: PLC0415 - imported by _serve
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[Any] = asyncio.Queue()
-    source = os.fdopen(control, "rb")
-
-    def read() -> None:
-        while (message := _receive(source)) is not None:
-            loop.call_soon_threadsafe(inbox.put_nowait, message)
-        loop.call_soon_threadsafe(inbox.put_nowait, None)
-
-    threading.Thread(target=read, name="puller-fetch-control", daemon=True).start()
+    _read_on(loop, control, inbox)
     sweeps: dict[int, tuple[asyncio.Task[None], asyncio.Semaphore]] = {}
     async with client.HttpClients(allow_private_networks=config.allow_private_networks) as http:
         for job in jobs.values():  # while the main process opens the store
@@ -358,6 +351,31 @@ class _Out:
                               now=datetime.now(UTC))  # the store stamps its own time
         return dataclasses.replace(item, page=ValidatedPage(
             accepted=[], rejections=page.rejections, normalised=page.normalised, rows=rows))
+
+
+def _read_on(loop: asyncio.AbstractEventLoop, control: int, inbox: asyncio.Queue[Any]) -> None:
+    """The main process's messages (starts, credits, stops) read by the event loop itself
+    as they come, into `inbox`; None at the end of the pipe. Small and frequent (a credit
+    a page): a reader thread cost a GIL hand-off and a wake-up of the loop for each, and
+    the credit came late while the loop validated a page."""
+    pending = bytearray()
+
+    def readable() -> None:
+        chunk = os.read(control, 65536)
+        if not chunk:
+            loop.remove_reader(control)
+            inbox.put_nowait(None)
+            return
+        pending.extend(chunk)
+        while len(pending) >= _HEAD.size:
+            size = _HEAD.unpack_from(pending)[0]
+            if len(pending) < _HEAD.size + size:
+                break
+            body = bytes(pending[_HEAD.size:_HEAD.size + size])
+            del pending[:_HEAD.size + size]
+            inbox.put_nowait(pickle.loads(body))  # noqa: S301 - from this process's parent
+
+    loop.add_reader(control, readable)
 
 
 def _widen(pipe: int) -> None:

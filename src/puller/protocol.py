@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import datetime
 from typing import Any
@@ -43,7 +44,11 @@ def parse_envelope(body: bytes, *, where: Where) -> Envelope:
             "check that the callback URL points at the export endpoint"
         ) from None
     if _may_hold_wide_integers(body):
-        tree = json.loads(body)  # valid JSON (orjson read it); its integers exact
+        # Valid JSON (orjson read it), its integers exact. Nested ~1,000 levels, the
+        # standard library's parser gives up: orjson's reading stays (such a record is
+        # rejected anyway, records.MAX_DEPTH).
+        with contextlib.suppress(RecursionError):
+            tree = json.loads(body)
     if not isinstance(tree, dict):
         raise where.broken(f"response is a JSON {_kind(tree)}, not an object; {_FIX}")
     status, message = _status(tree, where)

@@ -190,6 +190,9 @@ def _slow_page(scope: Scope, raws: Sequence[object], *, normalize_case: bool) ->
         if not isinstance(raw, dict):
             rejections.append(Rejection(position, raw, (f"record is {_kind(raw)}, not an object",)))
             continue
+        if nests_too_deep(raw):
+            rejections.append(Rejection(position, _too_deep_copy(raw), (TOO_DEEP,)))
+            continue
         candidate = raw
         if normalize_case:
             candidate, changed = normalised_case(raw)
@@ -241,18 +244,63 @@ def _reason(err: Any) -> str:
     return f"{field}: {message}"
 
 
-def money_problems(node: object, path: str = "") -> list[str]:
-    """Every money-shaped object (`amount`/`precision`/`currency`) anywhere in a record, checked."""
+def money_problems(node: object, path: str = "", depth: int = 1) -> list[str]:
+    """Every money-shaped object (`amount`/`precision`/`currency`) anywhere in a record,
+    checked. Raises TooDeep for a record nested more than MAX_DEPTH levels (the explaining
+    path rejects such a record before it gets here)."""
+    if depth > MAX_DEPTH and isinstance(node, (dict, list)):
+        raise TooDeep(path)
     problems: list[str] = []
     if isinstance(node, dict):
         if _MONEY_KEYS & node.keys():
             problems.extend(_money(node, path or "record"))
         for key, value in node.items():
-            problems.extend(money_problems(value, f"{path}.{key}" if path else str(key)))
+            problems.extend(money_problems(value, f"{path}.{key}" if path else str(key),
+                                           depth + 1))
     elif isinstance(node, list):
         for index, value in enumerate(node):
-            problems.extend(money_problems(value, f"{path}[{index}]"))
+            problems.extend(money_problems(value, f"{path}[{index}]", depth + 1))
     return problems
+
+
+MAX_DEPTH = 200
+"""How many levels of objects and arrays a record may nest, the record itself the first.
+orjson reads pages nested up to 1,024 levels but writes at most 254, and Python's own
+recursion (the fallback JSON writer, pickling to the fetch process, the money check) ends
+below 500: a record nested deeper than this is rejected, with TOO_DEEP, instead of
+failing its page at every sweep."""
+TOO_DEEP = (f"record: nests objects or arrays more than {MAX_DEPTH} levels deep; puller "
+            f"keeps records up to {MAX_DEPTH} levels — report it to the tenant")
+
+
+class TooDeep(ValueError):
+    """A record nested deeper than MAX_DEPTH."""
+
+
+def nests_too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
+    """Whether `value` (a record, or its extra fields) nests objects or arrays more than
+    `limit` levels, itself the first; without recursion, so that it works at any depth."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, (dict, list)))
+    return False
+
+
+def _too_deep_copy(raw: Raw) -> dict[str, Any]:
+    """What is kept of a record nested too deep, in rejected_records: every field but
+    those nested too deep, each replaced by a note (the whole cannot be written as JSON)."""
+    return {key: f"(not kept: nested more than {MAX_DEPTH} levels deep)"
+            if nests_too_deep(value, MAX_DEPTH - 1) else value for key, value in raw.items()}
 
 
 def _money(node: dict[str, Any], path: str) -> list[str]:
@@ -420,7 +468,16 @@ def customer_extra(record: dict[str, Any]) -> dict[str, Any]:
     """A valid customer's fields beyond the declared ones, in the order sent: stored as
     `extra`."""
     declared = _DECLARED
-    return {k: v for k, v in record.items() if k not in declared}
+    extra = {k: v for k, v in record.items() if k not in declared}
+    for value in extra.values():  # ~0.1 µs a record; parsed JSON has plain dicts and lists
+        if type(value) in _CONTAINERS:
+            if nests_too_deep(extra):
+                raise TooDeep("extra")  # the page takes the explaining path: rejected there
+            break
+    return extra
+
+
+_CONTAINERS = frozenset({dict, list})
 
 
 def _fast_payloads(scope: Scope, valid: list[dict[str, Any]],

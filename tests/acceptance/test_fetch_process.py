@@ -287,6 +287,30 @@ def test_customer_pages_stored_straight_from_validation_match_the_long_way(
                                    "zz_points": 123456789012345678901234567891}
 
 
+@BACKENDS
+def test_a_record_nested_too_deep_is_rejected_by_the_fetch_process(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path, store_url: str,
+) -> None:
+    """A customer whose extra field nests 300 levels (more than records.MAX_DEPTH) leaves
+    the fetch process's shortcut for the explaining path and is rejected there; its
+    rejection crosses the pipe and is stored, and the run succeeds."""
+    data = add_dataset(tenant_server, tenant_id, customers=4, products=0, orders=0)
+    deep: list[object] = []
+    for _ in range(298):
+        deep = [deep]
+    data.records["customer"][2]["zz_deep"] = deep
+    config = write_many(tmp_path, tenant_server, [tenant_id], store_url=store_url)
+    done = pull("--config", str(config), "--json")
+    assert done.returncode == 0, done.stderr
+    (customer,) = [r for r in orjson.loads(done.stdout) if r["scope"] == "customer"]
+    assert (customer["accepted"], customer["rejected"]) == (3, 1)
+    engine = create_store_engine(store_url)
+    with engine.connect() as conn:
+        (kept,) = conn.execute(sa.select(schema.rejected_records.c.record)).scalars()
+    engine.dispose()
+    assert kept["customer_id"] == "c2" and kept["zz_deep"].startswith("(not kept: nested")
+
+
 def test_a_store_that_cannot_be_opened_fails_the_pull_and_ends_the_fetch_process(
     tenant_server: TenantServer, tenant_id: str, tmp_path: Path,
 ) -> None:

@@ -220,6 +220,36 @@ async def test_integers_beyond_64_bits_are_stored_exactly(
     assert store.list_rejects(tenant=tenant_id)[0]["record"]["points"] == -WIDE
 
 
+def _nested(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+@BACKENDS
+async def test_a_record_nested_too_deep_is_rejected_not_the_run_failed(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str,
+) -> None:
+    """A record nested 300 levels deep (orjson reads it; it writes 254 at most) is rejected
+    with that reason, its other fields kept in rejected_records; the run succeeds and the
+    page's other records are stored."""
+    data = add_dataset(tenant_server, tenant_id, customers=3, orders=3)
+    data.records["customer"][1]["zz_deep"] = _nested(299)
+    data.records["order"][2]["zz_deep"] = {"x": _nested(299)}
+    config = config_for(tenant_server, tenant_id, store=store_url,
+                        scopes={"customer": {}, "order": {}})
+    results = await pull(config, store)
+    assert [(r.status, r.stats.accepted, r.stats.rejected) for r in results] == [
+        ("succeeded", 2, 1), ("succeeded", 2, 1)], [r.error for r in results]
+    kept = {r["scope"]: r for r in rows(store, schema.rejected_records, tenant_id)}
+    assert kept["customer"]["reasons"] == [records.TOO_DEEP]
+    assert kept["customer"]["record"] == {
+        **data.records["customer"][1], "zz_deep": "(not kept: nested more than 200 levels deep)"}
+    assert kept["order"]["record"]["order_id"] == "o2"
+    assert len(rows(store, schema.customers, tenant_id)) == 2
+
+
 async def test_normalize_case_is_counted_on_the_run(
     tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
 ) -> None:

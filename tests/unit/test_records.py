@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from puller import records, upsert
 from puller.domain import Scope
 from puller.records import money_problems, validate_page
 from puller.tenant_server import make_customer, make_order, make_product
@@ -173,3 +174,41 @@ def test_soft_delete_timestamp_is_read() -> None:
 def test_money_problems_ignores_plain_objects() -> None:
     """Objects without money keys are not money."""
     assert money_problems({"a": {"b": [1, {"c": "d"}]}}) == []
+
+
+def _nested(levels: int) -> list[Any]:
+    """`levels` arrays, each inside the one before."""
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("scope", list(Scope))
+@pytest.mark.parametrize(("levels", "kept"), [(200, True), (201, False), (1023, False)],
+                         ids=["200-levels", "201-levels", "1023-levels"])
+def test_a_record_nested_too_deep_is_rejected_and_the_rest_of_its_page_stored(
+    scope: Scope, levels: int, kept: bool,
+) -> None:
+    """A record may nest objects and arrays MAX_DEPTH (200) levels deep, itself the first;
+    deeper (orjson reads up to 1,024) it is rejected with that reason, its top level kept,
+    instead of failing its page at every sweep; the page's other records are stored."""
+    make = {Scope.CUSTOMER: make_customer, Scope.ORDER: make_order, Scope.PRODUCT: make_product}
+    deep = {**make[scope](1), "zz_deep": _nested(levels - 1)}
+    page = validate_page(scope, [make[scope](2), deep])
+    now = datetime.now(UTC)
+    for dialect in ("sqlite", "postgresql"):
+        assert upsert.prepare(page.accepted, scope, dialect, tenant="t", run_id=1, now=now)
+    upsert.sqlite_rejections(page.rejections, scope, tenant="t", run_id=1, page="1", now=now)
+    if kept:
+        assert (len(page.accepted), page.rejections) == (2, [])
+        return
+    (rejection,) = page.rejections
+    assert len(page.accepted) == 1 and rejection.position == 1
+    assert rejection.reasons == (records.TOO_DEEP,)
+    assert rejection.raw == {**make[scope](1),
+                             "zz_deep": "(not kept: nested more than 200 levels deep)"}
+    if scope is Scope.CUSTOMER:
+        valid = records.valid_customers([deep])
+        assert valid is not None
+        assert upsert.customer_rows(valid[0], "sqlite", tenant="t", run_id=1, now=now) is None

@@ -15,12 +15,12 @@ from pydantic import StringConstraints, TypeAdapter, ValidationError
 from puller import errors, protocol, upsert
 from puller import records as rules
 from puller.config import PullerConfig, load_config
-from puller.domain import Scope, Where
+from puller.domain import Checkpoint, Scope, Where
 from puller.records import validate_page
 from puller.tenant_server import make_customer, make_order, make_product
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=2**63 - 2)
     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
                                                                 max_size=4),
@@ -46,12 +46,19 @@ def records(draw: st.DrawFn) -> Any:
 def test_validation_never_raises_and_accounts_for_every_record(
     raws: list[Any], scope: Scope, normalize: bool
 ) -> None:
-    """Any page validates without raising; every record is accepted or rejected with reasons."""
+    """Any page validates without raising; every record is accepted or rejected with
+    reasons; what is accepted and what is rejected can be written to either store."""
     page = validate_page(scope, raws, normalize_case=normalize)
     positions = sorted([a.position for a in page.accepted] + [r.position for r in page.rejections])
     assert positions == list(range(len(raws)))
     assert all(r.reasons and all(isinstance(x, str) and x for x in r.reasons)
                for r in page.rejections)
+    now = datetime.now(UTC)
+    for dialect in ("sqlite", "postgresql"):
+        upsert.prepare(page.accepted, scope, dialect, tenant="t", run_id=1, now=now)
+    upsert.sqlite_rejections(page.rejections, scope, tenant="t", run_id=1, page="1", now=now)
+    upsert.pg_page_params("[]", page.rejections, Checkpoint(), scope, tenant="t", run_id=1,
+                          page="1", offered=len(raws), normalised=0, now=now)
 
 
 yaml_docs = st.one_of(

@@ -100,6 +100,12 @@ class PageMeta:
     page_size: int | None = None
 
 
+class RecordsWithNul(list[Any]):
+    """A page's records as parsed from a body that has a NUL character (`\\u0000`)
+    somewhere: validation looks for it record by record (records.validate_page), since
+    PostgreSQL cannot store it."""
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """A parsed response: tenant status, paging metadata, and the raw records."""

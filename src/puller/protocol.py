@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from puller.domain import Envelope, PageMeta, PageRequest, Scope, Where
+from puller.domain import Envelope, PageMeta, PageRequest, RecordsWithNul, Scope, Where
 
 SUCCESS = "success"
 
@@ -52,13 +52,15 @@ def parse_envelope(body: bytes, *, where: Where) -> Envelope:
     if not isinstance(tree, dict):
         raise where.broken(f"response is a JSON {_kind(tree)}, not an object; {_FIX}")
     status, message = _status(tree, where)
-    return Envelope(
-        meta=_meta(tree.get("meta"), where), data=_data(tree, where), status=status,
-        message=message,
-    )
+    data = _data(tree, where)
+    if _NUL in body:  # JSON has a NUL character only as this escape
+        data = RecordsWithNul(data)
+    return Envelope(meta=_meta(tree.get("meta"), where), data=data, status=status,
+                    message=message)
 
 
 _FIX = "the tenant's export breaks the callback protocol; report it to the tenant"
+_NUL = b"\\u0000"
 _DIGITS = bytes.maketrans(b"0123456789", b"0000000000")
 _WIDE = b"0" * 19
 

@@ -21,7 +21,7 @@ from pydantic import (
 )
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
-from puller.domain import Accepted, Raw, Rejection, Scope, ValidatedPage
+from puller.domain import Accepted, Raw, RecordsWithNul, Rejection, Scope, ValidatedPage
 
 # The public guide's example sends "YES"; strict mode rejects it, normalize_case accepts it.
 CASE_CANONICAL = {
@@ -149,12 +149,14 @@ def validate_page(
     """Validate every record of a page; invalid ones become rejections with all reasons.
 
     A page whose every record is valid takes the fast path (one pydantic-core call for the
-    page, see _fast_page); any other page is validated record by record, which explains.
+    page, see _fast_page); any other page is validated record by record, which explains,
+    and so is a page whose body had a NUL character (RecordsWithNul).
     """
-    candidates, changes = _candidates(raws, normalize_case=normalize_case)
-    fast = _fast_page(scope, candidates)
-    if fast is not None:
-        return ValidatedPage(accepted=fast, rejections=[], normalised=changes)
+    if not isinstance(raws, RecordsWithNul):
+        candidates, changes = _candidates(raws, normalize_case=normalize_case)
+        fast = _fast_page(scope, candidates)
+        if fast is not None:
+            return ValidatedPage(accepted=fast, rejections=[], normalised=changes)
     return _slow_page(scope, raws, normalize_case=normalize_case)
 
 
@@ -165,6 +167,8 @@ def valid_customers(raws: Sequence[object], *, normalize_case: bool = False
     validate_page decides and explains). For a page's store form built straight from these
     dicts (upsert.customer_rows), with `customer_id_text`, `utc` and `customer_extra`: what
     validate_page's records hold, without building them."""
+    if isinstance(raws, RecordsWithNul):
+        return None
     candidates, changes = _candidates(raws, normalize_case=normalize_case)
     try:
         return _fast_adapter(Scope.CUSTOMER).validate_python(candidates), changes
@@ -191,7 +195,15 @@ def _slow_page(scope: Scope, raws: Sequence[object], *, normalize_case: bool) ->
             rejections.append(Rejection(position, raw, (f"record is {_kind(raw)}, not an object",)))
             continue
         if nests_too_deep(raw):
-            rejections.append(Rejection(position, _too_deep_copy(raw), (TOO_DEEP,)))
+            kept = _too_deep_copy(raw)
+            if isinstance(raws, RecordsWithNul):
+                kept = _without_nul(kept)
+            rejections.append(Rejection(position, kept, (TOO_DEEP,)))
+            continue
+        if isinstance(raws, RecordsWithNul) and (where := _nul_at(raw)) is not None:
+            rejections.append(Rejection(position, _without_nul(raw), (
+                f"{where}: holds a NUL character (\\u0000), which PostgreSQL cannot store "
+                "(the copy kept here shows it as U+FFFD) — report it to the tenant",)))
             continue
         candidate = raw
         if normalize_case:
@@ -294,6 +306,38 @@ def nests_too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
         stack.extend((child, depth + 1) for child in children
                      if isinstance(child, (dict, list)))
     return False
+
+
+def _nul_at(raw: Raw) -> str | None:
+    """Where the record has a NUL character, in a key or a text, if anywhere (the first
+    found); the record is at most MAX_DEPTH levels deep."""
+    def find(node: object, path: str) -> str | None:
+        if isinstance(node, str):
+            return path if "\x00" in node else None
+        items: Any = (node.items() if isinstance(node, dict) else
+                      enumerate(node) if isinstance(node, list) else ())
+        for key, value in items:
+            name = str(key).replace("\x00", "\ufffd")
+            inner = f"{path}[{name}]" if isinstance(node, list) else (
+                f"{path}.{name}" if path else name)
+            if isinstance(key, str) and "\x00" in key:
+                return inner
+            found = find(value, inner)
+            if found is not None:
+                return found
+        return None
+    return find(raw, "")
+
+
+def _without_nul(node: Any) -> Any:
+    """A copy of a record with every NUL character (in keys and texts) as U+FFFD."""
+    if isinstance(node, str):
+        return node.replace("\x00", "\ufffd")
+    if isinstance(node, dict):
+        return {_without_nul(key): _without_nul(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_without_nul(value) for value in node]
+    return node
 
 
 def _too_deep_copy(raw: Raw) -> dict[str, Any]:

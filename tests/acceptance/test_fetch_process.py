@@ -311,6 +311,26 @@ def test_a_record_nested_too_deep_is_rejected_by_the_fetch_process(
     assert kept["customer_id"] == "c2" and kept["zz_deep"].startswith("(not kept: nested")
 
 
+@BACKENDS
+def test_a_record_with_a_nul_character_is_rejected_by_the_fetch_process(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path, store_url: str,
+) -> None:
+    """A customer with a NUL character in an extra field leaves the fetch process's
+    shortcut and is rejected (PostgreSQL cannot store it); the run succeeds."""
+    data = add_dataset(tenant_server, tenant_id, customers=4, products=0, orders=0)
+    data.records["customer"][3]["zz_note"] = "a\x00b"
+    config = write_many(tmp_path, tenant_server, [tenant_id], store_url=store_url)
+    done = pull("--config", str(config), "--json")
+    assert done.returncode == 0, done.stderr
+    (customer,) = [r for r in orjson.loads(done.stdout) if r["scope"] == "customer"]
+    assert (customer["accepted"], customer["rejected"]) == (3, 1)
+    engine = create_store_engine(store_url)
+    with engine.connect() as conn:
+        (kept,) = conn.execute(sa.select(schema.rejected_records.c.record)).scalars()
+    engine.dispose()
+    assert kept["zz_note"] == "a\ufffdb"
+
+
 def test_a_store_that_cannot_be_opened_fails_the_pull_and_ends_the_fetch_process(
     tenant_server: TenantServer, tenant_id: str, tmp_path: Path,
 ) -> None:

@@ -250,6 +250,26 @@ async def test_a_record_nested_too_deep_is_rejected_not_the_run_failed(
     assert len(rows(store, schema.customers, tenant_id)) == 2
 
 
+@BACKENDS
+async def test_a_record_with_a_nul_character_is_rejected_not_the_run_failed(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str,
+) -> None:
+    """A NUL character (\\u0000) in a customer's name or an order's note: PostgreSQL
+    cannot store it, and the page failed at every sweep there. The record is rejected on
+    either store, kept in rejected_records with U+FFFD in its place; the run succeeds."""
+    data = add_dataset(tenant_server, tenant_id, customers=3, orders=2)
+    data.records["customer"][1]["first_name"] = "a\x00b"
+    data.records["order"][1]["note"] = "x\x00y"
+    config = config_for(tenant_server, tenant_id, store=store_url,
+                        scopes={"customer": {}, "order": {}})
+    results = await pull(config, store)
+    assert [(r.status, r.stats.accepted, r.stats.rejected) for r in results] == [
+        ("succeeded", 2, 1), ("succeeded", 1, 1)], [r.error for r in results]
+    kept = {r["scope"]: r for r in rows(store, schema.rejected_records, tenant_id)}
+    assert kept["customer"]["record"] == {**data.records["customer"][1], "first_name": "a\ufffdb"}
+    assert kept["order"]["reasons"][0].startswith("note: holds a NUL character")
+
+
 async def test_normalize_case_is_counted_on_the_run(
     tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
 ) -> None:

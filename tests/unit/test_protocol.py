@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from puller import errors, protocol
-from puller.domain import PageRequest, Scope, Where
+from puller.domain import PageRequest, RecordsWithNul, Scope, Where
 
 WHERE = Where("acme", Scope.ORDER, "7")
 
@@ -78,3 +78,14 @@ def test_request_params(request_: PageRequest, params: dict[str, str]) -> None:
 def test_request_body_identifies_the_shop() -> None:
     """The body is {"shop": ...}."""
     assert orjson.loads(protocol.request_body("acme.example.com")) == {"shop": "acme.example.com"}
+
+
+def test_a_body_with_a_nul_escape_hands_its_records_on_marked_for_a_closer_look() -> None:
+    """JSON carries a NUL character only as the escape \\u0000: a body that has it hands
+    its records on as RecordsWithNul (validated record by record); any other as a list."""
+    plain = protocol.parse_envelope(orjson.dumps({"meta": {"has_next_page": False},
+                                                  "data": [{"a": "x"}]}), where=WHERE)
+    marked = protocol.parse_envelope(orjson.dumps({"meta": {"has_next_page": False},
+                                                   "data": [{"a": "x\x00y"}]}), where=WHERE)
+    assert not isinstance(plain.data, RecordsWithNul)
+    assert isinstance(marked.data, RecordsWithNul) and marked.data == [{"a": "x\x00y"}]

@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 
 from puller import records, upsert
-from puller.domain import Scope
+from puller.domain import RecordsWithNul, Scope
 from puller.records import money_problems, validate_page
 from puller.tenant_server import make_customer, make_order, make_product
 
@@ -212,3 +213,30 @@ def test_a_record_nested_too_deep_is_rejected_and_the_rest_of_its_page_stored(
         valid = records.valid_customers([deep])
         assert valid is not None
         assert upsert.customer_rows(valid[0], "sqlite", tenant="t", run_id=1, now=now) is None
+
+
+@pytest.mark.parametrize("scope", list(Scope))
+def test_a_record_with_a_nul_character_is_rejected_and_kept_without_it(scope: Scope) -> None:
+    """PostgreSQL cannot store a NUL character (\\u0000) in a text or a JSON document: on a
+    page whose body had one, a record holding one (in a field, an extra field's name or a
+    nested text) is rejected, the reason naming where, its copy showing it as U+FFFD;
+    records without one are accepted, as is everything on a page that only looked so."""
+    make = {Scope.CUSTOMER: make_customer, Scope.ORDER: make_order, Scope.PRODUCT: make_product}
+    field = {Scope.CUSTOMER: "first_name", Scope.ORDER: "currency_note",
+             Scope.PRODUCT: "title_note"}[scope]
+    raws = RecordsWithNul([
+        make[scope](1), {**make[scope](2), field: "a\x00b"},
+        {**make[scope](3), "zz\x00key": 1}, {**make[scope](4), "zz": {"deep": ["ok", "\x00"]}},
+    ])
+    page = validate_page(scope, raws)
+    assert [a.position for a in page.accepted] == [0]
+    assert [(r.position, r.reasons[0].split(":")[0]) for r in page.rejections] == [
+        (1, field), (2, "zz\ufffdkey"), (3, "zz.deep[1]")]
+    assert all("NUL character" in r.reasons[0] for r in page.rejections)
+    assert page.rejections[0].raw == {**make[scope](2), field: "a\ufffdb"}
+    assert page.rejections[1].raw == {**make[scope](3), "zz\ufffdkey": 1}
+    assert "\x00" not in orjson.dumps([r.raw for r in page.rejections]).decode()
+    look_alike = validate_page(scope, RecordsWithNul([make[scope](5)]))
+    assert (len(look_alike.accepted), look_alike.rejections) == (1, [])
+    if scope is Scope.CUSTOMER:
+        assert records.valid_customers(raws) is None

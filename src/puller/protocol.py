@@ -114,6 +114,8 @@ def _meta(meta: object, where: Where) -> PageMeta:
     cursor = meta.get("cursor")
     if cursor is not None and not isinstance(cursor, str | int):
         raise where.broken(f"`meta.cursor` is a {_kind(cursor)}, not a string; {_FIX}")
+    if isinstance(cursor, str) and "\x00" in cursor:  # the checkpoint could not be stored
+        raise where.broken(f"`meta.cursor` holds a NUL character (\\u0000); {_FIX}")
     return PageMeta(
         has_next_page=has_next,
         cursor=None if cursor is None or cursor == "" else str(cursor),

@@ -42,9 +42,12 @@ def test_status_and_message_are_optional() -> None:
         (b'{"meta": {"has_next_page": false}, "data": {"a": 1}}', "`data` is a object, not"),
         (b'{"status": 1, "meta": {"has_next_page": false}, "data": []}', "`status` is a number"),
         (b'{"meta": {"has_next_page": true, "cursor": {}}, "data": []}', "`meta.cursor` is a"),
+        (b'{"meta": {"has_next_page": true, "cursor": "a\\u0000"}, "data": []}',
+         "`meta.cursor` holds a NUL character"),
     ],
     ids=["truncated", "html", "empty", "list", "no-meta", "meta-list", "no-has-next",
-         "has-next-string", "no-data", "data-object", "status-number", "cursor-object"],
+         "has-next-string", "no-data", "data-object", "status-number", "cursor-object",
+         "cursor-nul"],
 )
 def test_broken_pages_name_tenant_scope_page_and_cause(body: bytes, fragment: str) -> None:
     """Broken pages fail with the tenant, scope, page and what was wrong."""

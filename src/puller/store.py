@@ -305,7 +305,11 @@ class Store:
     def finish_run(
         self, run_id: int, *, status: RunStatus, now: datetime, error: str | None = None
     ) -> RunStats:
-        """Close a run and return its counters as stored."""
+        """Close a run and return its counters as stored. A NUL character in `error` (a
+        tenant's own message can hold one) is stored as U+FFFD: PostgreSQL's text cannot
+        hold it, and the run would stay open."""
+        if error is not None:
+            error = error.replace("\x00", "\ufffd")
         with self._begin() as conn:
             conn.execute(update(schema.runs).where(schema.runs.c.id == run_id)
                          .values(status=status, finished_at=now, error=error))

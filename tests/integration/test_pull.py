@@ -399,19 +399,26 @@ async def test_failed_acknowledgement_is_reported_and_never_rolls_back(
     assert failed["tenant"] == tenant_id and "stays stored" in failed["error"]
 
 
+@BACKENDS
+@pytest.mark.parametrize("message", ["export paused for maintenance", "paused\x00now"],
+                         ids=["plain", "with-a-nul"])
 async def test_tenant_reported_error_fails_the_run_and_applies_nothing(
-    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str, message: str,
 ) -> None:
-    """status other than "success": the page is not applied; the message is reported."""
+    """status other than "success": the page is not applied; the message is reported and
+    stored with the run (a NUL character in it as U+FFFD: PostgreSQL's text cannot hold
+    one, and the run stayed open)."""
     add_dataset(tenant_server, tenant_id, customers=5)
-    body = orjson.dumps({"status": "error", "message": "export paused for maintenance",
+    body = orjson.dumps({"status": "error", "message": message,
                          "meta": {"has_next_page": True}, "data": [make_customer(1)]})
     tenant_server.fail_next(tenant_id, "customers", Fault(body=body))
     config = config_for(tenant_server, tenant_id, store=store_url, scopes={"customer": {}})
     (result,) = await pull(config, store)
     assert result.status == "failed"
-    assert result.error is not None and "export paused for maintenance" in result.error
+    assert result.error is not None and message in result.error
     assert rows(store, schema.customers, tenant_id) == []
+    (run,) = run_rows(store, tenant_id)
+    assert run["status"] == "failed" and message.replace("\x00", "\ufffd") in run["error"]
 
 
 async def test_page_ceiling_fails_the_run_without_applying_that_page(

@@ -134,6 +134,14 @@ def config_for(
     })
 
 
+def nested_arrays(levels: int) -> list[Any]:
+    """`levels` arrays, each inside the one before (a record's depth, for records.MAX_DEPTH)."""
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
 def add_dataset(server: TenantServer, tenant: str, **counts: Any) -> Dataset:
     return server.add(tenant, Dataset.generate(f"{tenant}.example.com", **counts))
 

@@ -28,7 +28,7 @@ from tests.acceptance.test_processes import (
     datasets,
     write_many,
 )
-from tests.conftest import BACKENDS, add_dataset
+from tests.conftest import BACKENDS, add_dataset, nested_arrays
 
 
 def pull(*args: str) -> subprocess.CompletedProcess[str]:
@@ -287,16 +287,9 @@ def test_customer_pages_stored_straight_from_validation_match_the_long_way(
                                    "zz_points": 123456789012345678901234567891}
 
 
-def _nested(levels: int) -> list[object]:
-    value: list[object] = []
-    for _ in range(levels - 1):
-        value = [value]
-    return value
-
-
 @BACKENDS
 @pytest.mark.parametrize(("value", "kept"), [
-    (_nested(299), "(not kept: nested more than 200 levels deep)"),
+    (nested_arrays(299), "(not kept: nested more than 200 levels deep)"),
     ("a\x00b", "a\ufffdb"),
 ], ids=["nested-300-levels", "nul-character"])
 def test_a_record_the_store_cannot_hold_is_rejected_by_the_fetch_process(

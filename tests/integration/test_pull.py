@@ -18,7 +18,7 @@ from puller.domain import Checkpoint, Scope
 from puller.records import validate_page
 from puller.store import Store
 from puller.tenant_server import Fault, TenantServer, make_customer, timestamp
-from tests.conftest import BACKENDS, add_dataset, captured_logs, config_for
+from tests.conftest import BACKENDS, add_dataset, captured_logs, config_for, nested_arrays
 from tests.conftest import pull_runs as pull
 
 
@@ -220,13 +220,6 @@ async def test_integers_beyond_64_bits_are_stored_exactly(
     assert store.list_rejects(tenant=tenant_id)[0]["record"]["points"] == -WIDE
 
 
-def _nested(levels: int) -> list[Any]:
-    value: list[Any] = []
-    for _ in range(levels - 1):
-        value = [value]
-    return value
-
-
 @BACKENDS
 async def test_a_record_nested_too_deep_is_rejected_not_the_run_failed(
     tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str,
@@ -235,8 +228,8 @@ async def test_a_record_nested_too_deep_is_rejected_not_the_run_failed(
     with that reason, its other fields kept in rejected_records; the run succeeds and the
     page's other records are stored."""
     data = add_dataset(tenant_server, tenant_id, customers=3, orders=3)
-    data.records["customer"][1]["zz_deep"] = _nested(299)
-    data.records["order"][2]["zz_deep"] = {"x": _nested(299)}
+    data.records["customer"][1]["zz_deep"] = nested_arrays(299)
+    data.records["order"][2]["zz_deep"] = {"x": nested_arrays(299)}
     config = config_for(tenant_server, tenant_id, store=store_url,
                         scopes={"customer": {}, "order": {}})
     results = await pull(config, store)

@@ -12,6 +12,7 @@ from puller import records, upsert
 from puller.domain import RecordsWithNul, Scope
 from puller.records import money_problems, validate_page
 from puller.tenant_server import make_customer, make_order, make_product
+from tests.conftest import nested_arrays
 
 
 def _only_reasons(scope: Scope, record: Any, **kw: Any) -> tuple[str, ...]:
@@ -177,14 +178,6 @@ def test_money_problems_ignores_plain_objects() -> None:
     assert money_problems({"a": {"b": [1, {"c": "d"}]}}) == []
 
 
-def _nested(levels: int) -> list[Any]:
-    """`levels` arrays, each inside the one before."""
-    value: list[Any] = []
-    for _ in range(levels - 1):
-        value = [value]
-    return value
-
-
 @pytest.mark.parametrize("scope", list(Scope))
 @pytest.mark.parametrize(("levels", "kept"), [(200, True), (201, False), (1023, False)],
                          ids=["200-levels", "201-levels", "1023-levels"])
@@ -195,7 +188,7 @@ def test_a_record_nested_too_deep_is_rejected_and_the_rest_of_its_page_stored(
     deeper (orjson reads up to 1,024) it is rejected with that reason, its top level kept,
     instead of failing its page at every sweep; the page's other records are stored."""
     make = {Scope.CUSTOMER: make_customer, Scope.ORDER: make_order, Scope.PRODUCT: make_product}
-    deep = {**make[scope](1), "zz_deep": _nested(levels - 1)}
+    deep = {**make[scope](1), "zz_deep": nested_arrays(levels - 1)}
     page = validate_page(scope, [make[scope](2), deep])
     now = datetime.now(UTC)
     for dialect in ("sqlite", "postgresql"):

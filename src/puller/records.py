@@ -191,14 +191,12 @@ def _slow_page(scope: Scope, raws: Sequence[object], *, normalize_case: bool) ->
     rejections: list[Rejection] = []
     normalised = 0
     for position, raw in enumerate(raws):
-        if not isinstance(raw, dict):
-            rejections.append(Rejection(position, raw, (f"record is {_kind(raw)}, not an object",)))
-            continue
-        if nests_too_deep(raw):
-            kept = _too_deep_copy(raw)
+        if not isinstance(raw, dict) or nests_too_deep(raw):
+            kept: object = _too_deep_copy(raw)
             if isinstance(raws, RecordsWithNul):
                 kept = _without_nul(kept)
-            rejections.append(Rejection(position, kept, (TOO_DEEP,)))
+            reason = TOO_DEEP if isinstance(raw, dict) else f"record is {_kind(raw)}, not an object"
+            rejections.append(Rejection(position, kept, (reason,)))
             continue
         if isinstance(raws, RecordsWithNul) and (where := _nul_at(raw)) is not None:
             rejections.append(Rejection(position, _without_nul(raw), (
@@ -340,11 +338,14 @@ def _without_nul(node: Any) -> Any:
     return node
 
 
-def _too_deep_copy(raw: Raw) -> dict[str, Any]:
-    """What is kept of a record nested too deep, in rejected_records: every field but
-    those nested too deep, each replaced by a note (the whole cannot be written as JSON)."""
-    return {key: f"(not kept: nested more than {MAX_DEPTH} levels deep)"
-            if nests_too_deep(value, MAX_DEPTH - 1) else value for key, value in raw.items()}
+def _too_deep_copy(raw: object) -> object:
+    """What rejected_records keeps of a record: all of it, but what is nested too deep
+    (which cannot be written as JSON), replaced by a note; for an object, field by field."""
+    note = f"(not kept: nested more than {MAX_DEPTH} levels deep)"
+    if isinstance(raw, dict):
+        return {key: note if nests_too_deep(value, MAX_DEPTH - 1) else value
+                for key, value in raw.items()}
+    return note if nests_too_deep(raw) else raw
 
 
 def _money(node: dict[str, Any], path: str) -> list[str]:

@@ -233,3 +233,18 @@ def test_a_record_with_a_nul_character_is_rejected_and_kept_without_it(scope: Sc
     assert (len(look_alike.accepted), look_alike.rejections) == (1, [])
     if scope is Scope.CUSTOMER:
         assert records.valid_customers(raws) is None
+
+
+def test_a_record_that_is_no_object_is_kept_as_far_as_a_store_can_hold_it() -> None:
+    """A page's record that is no object is rejected as such; rejected_records keeps it,
+    a NUL character in it as U+FFFD and a part nested too deep as a note, so that its
+    rejection can be stored at all."""
+    page = validate_page(Scope.ORDER, RecordsWithNul(
+        ["a\x00b", nested_arrays(1000), 5, nested_arrays(3)]))
+    assert [(r.position, r.raw) for r in page.rejections] == [
+        (0, "a\ufffdb"), (1, "(not kept: nested more than 200 levels deep)"), (2, 5),
+        (3, nested_arrays(3))]
+    assert all(r.reasons[0].endswith("not an object") for r in page.rejections)
+    now = datetime.now(UTC)
+    upsert.sqlite_rejections(page.rejections, Scope.ORDER, tenant="t", run_id=1, page="1",
+                             now=now)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from puller import errors, logs, pagination, protocol, records
 from puller.config import CallbackConfig, TenantConfig
@@ -511,7 +511,7 @@ async def produce(
         await ahead.put(exc)
     finally:
         if asked is not None:  # the sweep ended early (stopped, failed): its answer is dropped
-            await _dropped(asked, slots)
+            await _dropped([asked], slots)
         await _drop(window, slots)
 
 
@@ -529,16 +529,9 @@ async def _ask(job: Job, request: PageRequest | None, source: PageSource,
         for _ in range(_SEND_YIELDS):  # the request is sent before validation holds the loop
             await asyncio.sleep(0)
     except asyncio.CancelledError:
-        await _dropped(task, slots)
+        await _dropped([task], slots)
         raise
     return task
-
-
-async def _dropped(task: asyncio.Task[Envelope], slots: asyncio.Semaphore) -> None:
-    """A page asked for ahead that the sweep no longer wants: cancelled, its slot freed."""
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    slots.release()
 
 
 _SEND_YIELDS = 3
@@ -573,12 +566,18 @@ async def _drop(
     slots: asyncio.Semaphore,
 ) -> None:
     """Cancel requests asked ahead that are not needed; their answers are ignored."""
-    for _, task in window:
-        task.cancel()
-    await asyncio.gather(*(task for _, task in window), return_exceptions=True)
-    for _ in window:
-        slots.release()
+    await _dropped([task for _, task in window], slots)
     window.clear()
+
+
+async def _dropped(tasks: Sequence[asyncio.Task[Any]], slots: asyncio.Semaphore) -> None:
+    """Pages asked for ahead that the sweep no longer wants: cancelled, their answers
+    (errors included) ignored, their slots freed."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for _ in tasks:
+        slots.release()
 
 
 @dataclass(frozen=True, slots=True)

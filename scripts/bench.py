@@ -166,8 +166,8 @@ def sqlite_alone(records: int, size: int, folder: str) -> None:
     import sqlite3
     from datetime import UTC, datetime
 
+    from puller import forms, upsert
     from puller import records as validation
-    from puller import upsert
     from puller.domain import Checkpoint, Scope
     from puller.store import Store
     from puller.tenant_server import make_customer
@@ -178,7 +178,7 @@ def sqlite_alone(records: int, size: int, folder: str) -> None:
     run_id = store.start_run("b0", Scope.CUSTOMER, trigger="bench", now=now)
     store.close()
     people = [make_customer(i) for i in range(records)]
-    pages = [upsert.sqlite_rows(validation.validate_page(Scope.CUSTOMER,
+    pages = [forms.sqlite_rows(validation.validate_page(Scope.CUSTOMER,
                                                          people[at:at + size]).accepted,
                                 Scope.CUSTOMER, tenant="b0", run_id=run_id, now=now)
              for at in range(0, records, size)]

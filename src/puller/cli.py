@@ -21,15 +21,17 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from puller import __version__, errors, fanout, logs, pipeline
-from puller.config import PullerConfig, load_config
+from puller.config import PullerConfig, dialect_of, load_config
 from puller.domain import Ack, PageOutcome, PageRequest, RunResult, Scope
 from puller.protocol import json_text
-from puller.store import ScopeStatus, Store, dialect_of
 
 if TYPE_CHECKING:
     # Imported where HTTP is needed: aiohttp's import alone is ~0.25 s that `status`,
-    # `runs` and the other store commands do not need.
+    # `runs` and the other store commands do not need. The store (SQLAlchemy, ~0.3 s) is
+    # imported where a command opens it: `pull --fetch-process` forks before that, so the
+    # fetch process never imports SQLAlchemy and imports its HTTP client meanwhile.
     from puller import client, fetcher
+    from puller.store import ScopeStatus, Store
 
 T = TypeVar("T")
 
@@ -237,13 +239,13 @@ def _pull_command(args: argparse.Namespace) -> int:
     dealt = fanout.shares(keys, args.processes)
     if len(dealt) > 1:
         # An empty store is created once, before any child; no connection crosses a fork.
-        Store.open(config.store).close()
+        _open_store(config.store).close()
         return _pull_in_processes(args, config, jobs, dealt)
-    # Forked before the store opens: the fetch process sets up its HTTP clients while this
-    # process opens the store (the first page is applied ~0.06 s sooner in scripts/bench).
+    # Forked before the store is imported and opened: the fetch process imports and sets up
+    # its HTTP client while this process imports SQLAlchemy and opens the store.
     fetch = _fetch_process(config, jobs) if args.fetch_process else None
     try:
-        store = Store.open(config.store)
+        store = _open_store(config.store)
         try:
             results = _run_loop(_pull(config, jobs, store,
                                       concurrency=max(1, args.concurrency),
@@ -271,6 +273,12 @@ def _fetch_process(config: PullerConfig, jobs: Sequence[pipeline.Job]) -> fetche
                                       dialect=dialect_of(config.store))
 
 
+def _open_store(url: str, *, check_schema: bool = True) -> Store:
+    from puller.store import Store  # noqa: PLC0415 - SQLAlchemy, after any fetch process fork
+
+    return Store.open(url, check_schema=check_schema)
+
+
 def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,
                        jobs: Sequence[pipeline.Job],
                        dealt: Sequence[Sequence[fanout.JobKey]]) -> int:
@@ -285,7 +293,7 @@ def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,
         try:
             fetch = _fetch_process(config, mine) if args.fetch_process else None
             try:
-                store = Store.open(config.store)
+                store = _open_store(config.store)
                 try:
                     results = _run_loop(_pull(config, mine, store, concurrency=per_child,
                                               live=False,
@@ -489,7 +497,7 @@ def _run_loop(main: Coroutine[Any, Any, T]) -> T:
 def _opened(path: Path, *, check_schema: bool = True) -> Iterator[tuple[PullerConfig, Store]]:
     """The config at `path` and its store, closed afterwards."""
     config = read_config(path)
-    store = Store.open(config.store, check_schema=check_schema)
+    store = _open_store(config.store, check_schema=check_schema)
     try:
         yield config, store
     finally:

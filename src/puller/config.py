@@ -37,6 +37,13 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _HEADER_VALUE = re.compile(r"^[\x20-\x7e\t]*$")
 
 
+def dialect_of(store_url: str) -> str:
+    """The SQLAlchemy dialect name of a store URL ("sqlite", "postgresql"): its scheme up to
+    any "+driver", as SQLAlchemy's URL.get_backend_name() reads it, without importing
+    SQLAlchemy (the fetch process needs it before the main process imports SQLAlchemy)."""
+    return store_url.partition(":")[0].partition("+")[0]
+
+
 def parse_duration_s(value: object) -> float:
     """Read `30s`, `15m`, `2h`, `1d` or a bare number of seconds into float seconds."""
     if isinstance(value, bool):

@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from puller import dberror, errors, migration, schema, upsert
+from puller import dberror, errors, forms, migration, schema, upsert
 from puller.dberror import BUSY_TIMEOUT_ENV
 from puller.domain import (
     Accepted,
@@ -234,13 +234,13 @@ class Store:
         already (the fetch process); the store stamps them with `run_id` and `now`.
         """
         if rows is None:
-            rows = upsert.prepare(accepted, scope, self._dialect, tenant=tenant,
-                                  run_id=run_id, now=now)
+            rows = forms.prepare(accepted, scope, self._dialect, tenant=tenant,
+                                 run_id=run_id, now=now)
             records = rows.payload
         elif rows.dialect != self._dialect:  # pragma: no cover - a defect, not input
             raise AssertionError(f"rows for {rows.dialect} given to a {self._dialect} store")
         elif self._dialect == "sqlite":
-            records = upsert.sqlite_stamped(rows.payload, run_id=run_id, now=now)
+            records = forms.sqlite_stamped(rows.payload, run_id=run_id, now=now)
         else:
             records = rows.payload  # the document; run and time are the page's parameters
         offered = rows.survivors + rows.duplicates  # every accepted record not applied is stale
@@ -429,7 +429,3 @@ def _plain(mapping: Any) -> dict[str, Any]:
     """A row as a dict with plain `str` keys (SQLAlchemy's quoted names are a str subclass)."""
     return {str(key): value for key, value in mapping.items()}
 
-
-def dialect_of(url: str) -> str:
-    """The SQLAlchemy dialect name of a store URL ("sqlite", "postgresql")."""
-    return make_url(url).get_backend_name()

@@ -251,11 +251,42 @@ def test_the_main_process_imports_no_http_client_when_it_has_nothing_to_acknowle
 
 
 @BACKENDS
+def test_the_fetch_process_is_forked_before_sqlalchemy_and_never_imports_it(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path, store_url: str,
+) -> None:
+    """The fork comes before the main process imports SQLAlchemy (~0.3 s), so the fetch
+    process imports its HTTP client while the main process imports SQLAlchemy and opens the
+    store, and the fetch process never imports SQLAlchemy itself. An audit hook prints who
+    imports it; a wrapped os.fork prints whether it was imported at the fork."""
+    add_dataset(tenant_server, tenant_id, customers=25, products=5, orders=5)
+    config = write_many(tmp_path, tenant_server, [tenant_id], store_url=store_url)
+    probe = (
+        "import os, sys; main = os.getpid(); sys.addaudithook(lambda event, args: "
+        "event == 'import' and args[0] == 'sqlalchemy' and print('SQLALCHEMY', "
+        "'main' if os.getpid() == main else 'fetch', flush=True)); fork = os.fork; "
+        "os.fork = lambda: (print('FORK', 'sqlalchemy' in sys.modules, flush=True), "
+        "fork())[1]; from puller import cli; cli.main()")
+    done = subprocess.run([sys.executable, "-c", probe, "pull", "--fetch-process",
+                           "--config", str(config)], capture_output=True, text=True,
+                          timeout=120, env=_env(), check=False)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stdout.splitlines() if line.startswith(("FORK", "SQLALCHEMY"))]
+    assert said == ["FORK False", "SQLALCHEMY main"]
+    engine = create_store_engine(store_url)
+    try:
+        with engine.connect() as conn:
+            stored = conn.execute(sa.select(sa.func.count()).select_from(schema.customers))
+            assert stored.scalar_one() == 25
+    finally:
+        engine.dispose()
+
+
+@BACKENDS
 def test_customer_pages_stored_straight_from_validation_match_the_long_way(
     tenant_server: TenantServer, tenant_id: str, tmp_path: Path, store_url: str,
 ) -> None:
     """The fetch process builds a clean customer page's rows straight from validation
-    (upsert.customer_rows) and sends a page with a repeated id the long way (newest per
+    (forms.customer_rows) and sends a page with a repeated id the long way (newest per
     id): an integer id stored as text, an offset time stored in UTC, the extra fields
     kept (an integer beyond 64 bits exact), and the newest of three versions of c1 kept,
     two counted stale."""

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from puller import errors, schema, upsert
+from puller import errors, forms, schema, upsert
 from puller.domain import Accepted, Checkpoint, Rejection, Scope
 from puller.records import validate_page
 from puller.store import Store
@@ -131,7 +131,7 @@ def test_rows_made_elsewhere_are_stamped_with_the_applying_run_and_time(store: S
     versions = [("p1", "2024-12-01T00:00:00Z"), ("p2", "2024-12-01T00:00:00Z"),
                 ("p1", "2024-12-02T00:00:00Z")]
     run = store.start_run("acme", Scope.PRODUCT, trigger="test", now=NOW)
-    rows = upsert.prepare(_products(*versions), Scope.PRODUCT, store.engine.dialect.name,
+    rows = forms.prepare(_products(*versions), Scope.PRODUCT, store.engine.dialect.name,
                           tenant="acme", run_id=run + 99, now=NOW - timedelta(days=3))
     outcome = store.apply_page(run_id=run, tenant="acme", scope=Scope.PRODUCT, page="1",
                                accepted=[], rejections=[], checkpoint=Checkpoint(2, 2, None),
@@ -150,3 +150,16 @@ def test_unsupported_store_url_says_what_to_use() -> None:
     """A store URL of another kind is refused with the supported forms."""
     with pytest.raises(errors.StoreError, match="use sqlite:///PATH or postgresql"):
         Store.open("mysql://root@localhost/x")
+
+
+def test_the_row_layouts_are_checked_against_the_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """forms.py builds rows without SQLAlchemy, from its own LAYOUTS: upsert checks them
+    against schema.py at import, so a schema edit that forgets forms.py cannot store one
+    column's value in another."""
+    upsert.check_layouts()  # as imported
+    plain, documents = forms.LAYOUTS[Scope.CUSTOMER]
+    swapped = (plain[1], plain[0], *plain[2:])
+    for wrong in ((swapped, documents), (plain, ()), ((*plain, *documents), ())):
+        monkeypatch.setitem(upsert.LAYOUTS, Scope.CUSTOMER, wrong)
+        with pytest.raises(AssertionError, match="customer columns are"):
+            upsert.check_layouts()

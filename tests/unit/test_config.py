@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from puller import errors
-from puller.config import load_config, parse_duration_s
+from puller.config import dialect_of, load_config, parse_duration_s
 from puller.domain import Scope
 
 GOOD = """
@@ -160,3 +161,14 @@ def test_worker_and_retention_errors_name_the_key(extra: str, path: str) -> None
     with pytest.raises(errors.ConfigError) as info:
         load_config(GOOD + extra + "\n", ENV)
     assert info.value.path == path
+
+
+@pytest.mark.parametrize("url", [
+    "sqlite:///var/puller.db", "sqlite://", "sqlite+pysqlite:////tmp/a.db",
+    "postgresql://postgres@127.0.0.1:5432/test", "postgresql+psycopg://u:p@h/db?sslmode=require",
+    "mysql+pymysql://u@h/db", "postgres://u@h/db",
+])
+def test_the_store_dialect_is_read_as_sqlalchemy_reads_it(url: str) -> None:
+    """dialect_of reads the store URL without SQLAlchemy (the fetch process is forked
+    before SQLAlchemy is imported); it must name the dialect SQLAlchemy will use."""
+    assert dialect_of(url) == sa.make_url(url).get_backend_name()

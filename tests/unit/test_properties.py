@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
-from puller import errors, protocol, upsert
+from puller import errors, forms, protocol, upsert
 from puller import records as rules
 from puller.config import PullerConfig, load_config
 from puller.domain import Checkpoint, Scope, Where
@@ -55,7 +55,7 @@ def test_validation_never_raises_and_accounts_for_every_record(
                for r in page.rejections)
     now = datetime.now(UTC)
     for dialect in ("sqlite", "postgresql"):
-        upsert.prepare(page.accepted, scope, dialect, tenant="t", run_id=1, now=now)
+        forms.prepare(page.accepted, scope, dialect, tenant="t", run_id=1, now=now)
     upsert.sqlite_rejections(page.rejections, scope, tenant="t", run_id=1, page="1", now=now)
     upsert.pg_page_params("[]", page.rejections, Checkpoint(), scope, tenant="t", run_id=1,
                           page="1", offered=len(raws), normalised=0, now=now)
@@ -191,7 +191,7 @@ def _parsed(data: list[Any]) -> list[Any]:
 def test_customer_rows_are_what_prepare_makes_of_the_validated_records(
     page: list[dict[str, Any]], normalize: bool, dialect: str,
 ) -> None:
-    """The fetch process's shortcut (upsert.customer_rows from records.valid_customers)
+    """The fetch process's shortcut (forms.customer_rows from records.valid_customers)
     stores exactly what validating and preparing the page stores, or declines; it declines
     only pages with a repeated id (or a date that is no date), which then go the long way."""
     now = datetime.now(UTC)
@@ -200,8 +200,8 @@ def test_customer_rows_are_what_prepare_makes_of_the_validated_records(
     if valid is None:
         event("the fast path refused the page")
         return
-    rows = upsert.customer_rows(valid[0], dialect, tenant="t", run_id=7, now=now)
-    expected = upsert.prepare(page_result.accepted, Scope.CUSTOMER, dialect, tenant="t",
+    rows = forms.customer_rows(valid[0], dialect, tenant="t", run_id=7, now=now)
+    expected = forms.prepare(page_result.accepted, Scope.CUSTOMER, dialect, tenant="t",
                               run_id=7, now=now)
     if rows is None:
         event("customer_rows declined")

@@ -1,0 +1,152 @@
+"""A page's records in the form each store's page write takes (issue #5): SQLite's rows of
+plain values, PostgreSQL's one JSON document. Plain Python, no SQLAlchemy: the fetch
+process (fetcher) builds these forms, and it is forked before the main process imports
+SQLAlchemy (~0.3 s of imports it would otherwise repeat or wait for). upsert.py holds the
+statements that take them, and checks at import that LAYOUTS matches schema.py's tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from puller import merge
+from puller import records as rules
+from puller.domain import Accepted, Scope, StoreRows
+from puller.protocol import json_text
+
+SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
+"""SQLAlchemy's SQLite DATETIME text form: reads through schema.UtcDateTime still work,
+and text order is time order because every value is UTC."""
+
+
+LAYOUTS: dict[Scope, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    Scope.CUSTOMER: (rules.CUSTOMER_COLUMNS, ("extra",)),
+    Scope.ORDER: (("customer_id",), ("payload",)),
+    Scope.PRODUCT: ((), ("payload",)),
+}
+"""Each record table's value columns, plain then JSON, as schema.py orders them: tenant, id,
+these, then last_modified_date, deleted_at, run_id, stored_at (upsert checks it)."""
+
+
+def prepare(records: Sequence[Accepted], scope: Scope, dialect: str, *, tenant: str,
+            run_id: int, now: datetime) -> StoreRows:
+    """A page's accepted records, newest per id, in the form `dialect`'s page write takes."""
+    survivors, duplicates = merge.newest_per_id(records)
+    payload: Any = (
+        sqlite_rows(survivors, scope, tenant=tenant, run_id=run_id, now=now)
+        if dialect == "sqlite" else pg_document(survivors, scope)
+    )
+    return StoreRows(dialect=dialect, payload=payload, survivors=len(survivors),
+                     duplicates=duplicates)
+
+
+def customer_rows(valid: Sequence[dict[str, Any]], dialect: str, *, tenant: str, run_id: int,
+                  now: datetime) -> StoreRows | None:
+    """A customer page in `dialect`'s form straight from pydantic-core's valid dicts
+    (records.valid_customers): the same rows or document as `prepare` makes of the page's
+    records (a property test checks it), without building those records first. For a page
+    of 500 customers on SQLite: records then rows 1.7 ms, these rows 0.8 ms. None when the
+    page needs more: an id sent twice (prepare keeps the newest), or a timestamp of the
+    right shape that is no date."""
+    ids = [rules.customer_id_text(record["customer_id"]) for record in valid]
+    if len(set(ids)) != len(ids):
+        return None
+    try:
+        payload: Any = (_sqlite_customers(valid, ids, tenant=tenant, run_id=run_id, now=now)
+                        if dialect == "sqlite" else _pg_customers(valid, ids))
+    except ValueError:
+        return None
+    return StoreRows(dialect=dialect, payload=payload, survivors=len(ids), duplicates=0)
+
+
+def _sqlite_customers(valid: Sequence[dict[str, Any]], ids: list[str], *, tenant: str,
+                      run_id: int, now: datetime) -> list[tuple[Any, ...]]:
+    plain = rules.CUSTOMER_COLUMNS  # LAYOUTS[Scope.CUSTOMER]: these, then extra
+    stored_at = sqlite_time(now)
+    extra = rules.customer_extra
+    rows = []
+    for record_id, record in zip(ids, valid, strict=True):
+        deleted = record.get("deleted_at")
+        rows.append((
+            tenant, record_id, *[record[name] for name in plain], json_text(extra(record)),
+            _sqlite_time_of(record["last_modified_date"]),
+            None if deleted is None else _sqlite_time_of(deleted), run_id, stored_at,
+        ))
+    return rows
+
+
+def _sqlite_time_of(text: str) -> str:
+    """The SQLite text of a fast-path timestamp (records.utc checks that it is a date, or
+    raises ValueError). Whole seconds in UTC ("2024-12-01T10:30:00Z", what tenants mostly
+    send: records._FAST_TIME's shape at 20 characters) are copied from the text, at a third
+    of the cost of formatting the parsed time (0.57 against 1.7 µs)."""
+    moment = rules.utc(text)
+    if len(text) == 20 and text[19] == "Z":
+        return f"{text[:10]} {text[11:19]}.000000"
+    return sqlite_time(moment)
+
+
+def _pg_customers(valid: Sequence[dict[str, Any]], ids: list[str]) -> str:
+    utc, extra, names = rules.utc, rules.customer_extra, rules.CUSTOMER_COLUMNS
+    documents = []
+    for record_id, record in zip(ids, valid, strict=True):
+        deleted = record.get("deleted_at")
+        document = {"customer_id": record_id,
+                    "last_modified_date": utc(record["last_modified_date"]),
+                    "deleted_at": None if deleted is None else utc(deleted)}
+        for name in names:
+            document[name] = record[name]
+        document["extra"] = extra(record)
+        documents.append(document)
+    return json_text(documents)
+
+
+def pg_document(records: Sequence[Accepted], scope: Scope) -> str:
+    """The records as the one JSON document of pg_page_statement. orjson writes the aware
+    datetimes as RFC 3339 text itself (2.5 ms a page of 500 customers with isoformat()
+    in Python, 1.0 ms so); every Accepted time is UTC (records.utc, records._timestamp)."""
+    key = scope.id_field
+    return json_text([
+        {key: r.record_id, "last_modified_date": r.last_modified_at, "deleted_at": r.deleted_at,
+         **r.columns}
+        for r in records
+    ])
+
+
+def sqlite_rows(records: Sequence[Accepted], scope: Scope, *, tenant: str, run_id: int,
+                now: datetime) -> list[tuple[Any, ...]]:
+    """The records as tuples in the table's column order, JSON columns as text."""
+    stored_at = sqlite_time(now)
+    plain, documents = LAYOUTS[scope]
+    rows = []
+    for r in records:
+        values = r.columns
+        deleted = r.deleted_at
+        rows.append((
+            tenant, r.record_id, *[values[name] for name in plain],
+            *[json_text(values[name]) for name in documents],
+            sqlite_time(r.last_modified_at), None if deleted is None else sqlite_time(deleted),
+            run_id, stored_at,
+        ))
+    return rows
+
+
+def sqlite_stamped(rows: Sequence[tuple[Any, ...]], *, run_id: int,
+                   now: datetime) -> list[tuple[Any, ...]]:
+    """sqlite_rows made elsewhere (the fetch process), stamped with the run and the time
+    of storing: the last two columns of every record table."""
+    stamp = (run_id, sqlite_time(now))
+    return [row[:-2] + stamp for row in rows]
+
+
+def sqlite_time(value: datetime) -> str:
+    # Same text as strftime(SQLITE_TIME) at a third of its cost (0.56 µs against 1.7).
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return _SQLITE_TIME_TEXT % (value.year, value.month, value.day, value.hour, value.minute,
+                                value.second, value.microsecond)
+
+
+_SQLITE_TIME_TEXT = "%04d-%02d-%02d %02d:%02d:%02d.%06d"

@@ -10,20 +10,21 @@ fetch process is the busier of the two on SQLite and PostgreSQL is the limit at 
 size 500 (README "Performance").
 
 The fetch process is forked before the event loop starts, when the main process has no
-thread, event loop or open store connection, and before the main process opens the store:
-it sets up its HTTP clients meanwhile. It serves every sweep of the
-pull over two pipes: the main process asks for a sweep from its checkpoint and returns a
-credit for each page it applied (so at most `prefetch + 1` pages of a sweep are fetched
-and not yet applied: memory stays flat), and the fetch process sends each page as it was
-validated, its records already in the store's form (domain.StoreRows: rows of plain values
-pickle and unpickle in 0.1 ms each for a page of 500 customers, the record objects took 0.7
-and 0.3 ms, and building the rows 0.7 ms moves off the main process, which is the busier of
-the two; a clean customer page is built into that form straight from validation,
-_Out.validate). A reader thread hands each page to its sweep: without a commit_url
-straight to the thread that applies it (pipeline.ThreadFeed), else to the event loop.
-Acknowledgements (`commit_url`) stay with the main process: they follow the
-page's commit. Without a commit_url (or a tenant's ca_bundle to check) the main process
-makes no request and imports no HTTP client: the fetch process imports it after the fork.
+thread, event loop or open store connection, and before the main process imports SQLAlchemy
+and opens the store: it imports and sets up its HTTP clients meanwhile, and never imports
+SQLAlchemy (the records' store forms are built by forms.py, which needs none). It serves
+every sweep of the pull over two pipes: the main process asks for a sweep from its
+checkpoint and returns a credit for each page it applied (so at most `prefetch + 1` pages of
+a sweep are fetched and not yet applied: memory stays flat), and the fetch process sends
+each page as it was validated, its records already in the store's form (domain.StoreRows:
+rows of plain values pickle and unpickle in 0.1 ms each for a page of 500 customers, the
+record objects took 0.7 and 0.3 ms, and building the rows 0.7 ms moves off the main process,
+which is the busier of the two; a clean customer page is built into that form straight from
+validation, _Out.validate). A reader thread hands each page to its sweep: without a
+commit_url straight to the thread that applies it (pipeline.ThreadFeed), else to the event
+loop. Acknowledgements (`commit_url`) stay with the main process: they follow the page's
+commit. Without a commit_url (or a tenant's ca_bundle to check) the main process makes no
+request and imports no HTTP client: the fetch process imports it after the fork.
 
 Failures are the sweep's, as without the option: a tenant's error, a broken page or a
 refused address fails that run with the same message. If the fetch process dies, every

@@ -165,7 +165,7 @@ def valid_customers(raws: Sequence[object], *, normalize_case: bool = False
     """A customer page as pydantic-core validated it, with the count of case
     normalisations, when the fast path accepts every record; None when it does not (then
     validate_page decides and explains). For a page's store form built straight from these
-    dicts (upsert.customer_rows), with `customer_id_text`, `utc` and `customer_extra`: what
+    dicts (forms.customer_rows), with `customer_id_text`, `utc` and `customer_extra`: what
     validate_page's records hold, without building them."""
     if isinstance(raws, RecordsWithNul):
         return None

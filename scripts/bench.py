@@ -179,8 +179,8 @@ def sqlite_alone(records: int, size: int, folder: str) -> None:
     store.close()
     people = [make_customer(i) for i in range(records)]
     pages = [forms.sqlite_rows(validation.validate_page(Scope.CUSTOMER,
-                                                         people[at:at + size]).accepted,
-                                Scope.CUSTOMER, tenant="b0", run_id=run_id, now=now)
+                                                        people[at:at + size]).accepted,
+                               Scope.CUSTOMER, tenant="b0", run_id=run_id, now=now)
              for at in range(0, records, size)]
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")

@@ -348,8 +348,8 @@ class _Out:
         if page.rows is not None:  # made so by validate
             return item
         rows = forms.prepare(page.accepted, self._job.scope, self._dialect,
-                              tenant=self._job.tenant.id, run_id=self._run_id,
-                              now=datetime.now(UTC))  # the store stamps its own time
+                             tenant=self._job.tenant.id, run_id=self._run_id,
+                             now=datetime.now(UTC))  # the store stamps its own time
         return dataclasses.replace(item, page=ValidatedPage(
             accepted=[], rejections=page.rejections, normalised=page.normalised, rows=rows))
 

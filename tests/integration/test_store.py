@@ -132,7 +132,7 @@ def test_rows_made_elsewhere_are_stamped_with_the_applying_run_and_time(store: S
                 ("p1", "2024-12-02T00:00:00Z")]
     run = store.start_run("acme", Scope.PRODUCT, trigger="test", now=NOW)
     rows = forms.prepare(_products(*versions), Scope.PRODUCT, store.engine.dialect.name,
-                          tenant="acme", run_id=run + 99, now=NOW - timedelta(days=3))
+                         tenant="acme", run_id=run + 99, now=NOW - timedelta(days=3))
     outcome = store.apply_page(run_id=run, tenant="acme", scope=Scope.PRODUCT, page="1",
                                accepted=[], rejections=[], checkpoint=Checkpoint(2, 2, None),
                                normalised=0, now=NOW, rows=rows)

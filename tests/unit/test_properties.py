@@ -202,7 +202,7 @@ def test_customer_rows_are_what_prepare_makes_of_the_validated_records(
         return
     rows = forms.customer_rows(valid[0], dialect, tenant="t", run_id=7, now=now)
     expected = forms.prepare(page_result.accepted, Scope.CUSTOMER, dialect, tenant="t",
-                              run_id=7, now=now)
+                             run_id=7, now=now)
     if rows is None:
         event("customer_rows declined")
         assert expected.duplicates > 0 or page_result.rejections

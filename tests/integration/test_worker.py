@@ -185,8 +185,12 @@ async def test_a_failing_tenant_backs_off_and_recovers(
         "customer": {"schedule": {"every": "0.1s"}}}}, failure_backoff="0.3s")
     labels = {"tenant": tenant_id, "scope": "customer"}
     async with running(config, store) as worker:
-        await until(lambda: succeeded(store, tenant_id, "customer") >= 1, timeout_s=10)
         metric = worker.metrics.registry.get_sample_value
+        # The store holds the finished run a moment before the worker has counted it: wait
+        # for the worker's own count, then read the gauges it sets in the same step.
+        await until(lambda: (metric("puller_runs_total", {**labels, "status": "succeeded"})
+                             or 0) >= 1, timeout_s=10)
+        assert succeeded(store, tenant_id, "customer") >= 1
         assert metric("puller_consecutive_failures", labels) == 0
         assert metric("puller_http_errors_total", {**labels, "status": "404"}) == 4
         assert (metric("puller_last_success_timestamp_seconds", labels) or 0) > 0

@@ -513,6 +513,8 @@ def customer_extra(record: dict[str, Any]) -> dict[str, Any]:
     """A valid customer's fields beyond the declared ones, in the order sent: stored as
     `extra`."""
     declared = _DECLARED
+    if len(record) == _ALWAYS_DECLARED + ("deleted_at" in record):
+        return {}  # every field is a declared one
     extra = {k: v for k, v in record.items() if k not in declared}
     for value in extra.values():  # ~0.1 µs a record; parsed JSON has plain dicts and lists
         if type(value) in _CONTAINERS:
@@ -544,6 +546,7 @@ def _fast_payloads(scope: Scope, valid: list[dict[str, Any]],
 
 
 _DECLARED = _FastCustomer.__required_keys__ | _FastCustomer.__optional_keys__
+_ALWAYS_DECLARED = len(_DECLARED - {"deleted_at"})  # pydantic-core requires all but that
 
 
 def utc(value: str) -> datetime:

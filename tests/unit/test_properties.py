@@ -116,6 +116,8 @@ def near_valid_records(draw: st.DrawFn) -> tuple[Scope, dict[str, Any]]:
     make = {Scope.CUSTOMER: make_customer, Scope.ORDER: make_order,
             Scope.PRODUCT: make_product}[scope]
     record = make(draw(st.integers(min_value=0, max_value=50)))
+    if scope is Scope.CUSTOMER and draw(st.booleans()):  # no field beyond the declared ones
+        del record["loyalty_tier"]
     for field in draw(st.lists(st.sampled_from([*record, "deleted_at", "extra_key"]),
                                max_size=3)):
         record[field] = draw(field_values)
@@ -162,7 +164,7 @@ z_times = st.builds(
 @st.composite
 def customer_pages(draw: st.DrawFn) -> list[dict[str, Any]]:
     """A page of near-valid customers: ids that may repeat or be integers, timestamps of
-    every shape, deleted_at or not, extra fields in any order, a case to normalise; as
+    every shape, deleted_at or not, extra fields or none, in any order, a case to normalise; as
     protocol.parse_envelope hands them on (an integer beyond 64 bits exact)."""
     page = []
     for _ in range(draw(st.integers(min_value=0, max_value=6))):
@@ -170,6 +172,8 @@ def customer_pages(draw: st.DrawFn) -> list[dict[str, Any]]:
         if draw(st.booleans()):
             record["customer_id"] = draw(st.integers(min_value=-(2**40), max_value=2**40)
                                          | st.sampled_from(["c1", "c2", " c1", "c1 "]))
+        if draw(st.booleans()):  # no field beyond the declared ones
+            del record["loyalty_tier"]
         for field in draw(st.lists(st.sampled_from(["last_modified_date", "deleted_at",
                                                     "zz_extra", "a_extra", "consent"]),
                                    max_size=3)):

@@ -245,13 +245,7 @@ def _pull_command(args: argparse.Namespace) -> int:
     # its HTTP client while this process imports SQLAlchemy and opens the store.
     fetch = _fetch_process(config, jobs) if args.fetch_process else None
     try:
-        store = _open_store(config.store)
-        try:
-            results = _run_loop(_pull(config, jobs, store,
-                                      concurrency=max(1, args.concurrency),
-                                      feeds=None if fetch is None else fetch.feed))
-        finally:
-            store.close()
+        results = _pull_into_store(config, jobs, fetch, concurrency=max(1, args.concurrency))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(INTERRUPTED, file=sys.stderr)
         return EXIT_FAILED
@@ -271,6 +265,20 @@ def _fetch_process(config: PullerConfig, jobs: Sequence[pipeline.Job]) -> fetche
 
     return fetcher.FetchProcess.start(jobs, config, run_loop=run_loop,
                                       dialect=dialect_of(config.store))
+
+
+def _pull_into_store(config: PullerConfig, jobs: Sequence[pipeline.Job],
+                     fetch: fetcher.FetchProcess | None, *, concurrency: int,
+                     live: bool = True) -> list[RunResult]:
+    """Open the store, pull the jobs, close the store."""
+    store = _open_store(config.store)
+    try:
+        return _run_loop(_pull(config, jobs, store, concurrency=concurrency, live=live,
+                               feeds=None if fetch is None else fetch.feed))
+    finally:
+        if fetch is not None:
+            fetch.stop()  # its sweeps are done: it ends while the store closes
+        store.close()
 
 
 def _open_store(url: str, *, check_schema: bool = True) -> Store:
@@ -293,13 +301,8 @@ def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,
         try:
             fetch = _fetch_process(config, mine) if args.fetch_process else None
             try:
-                store = _open_store(config.store)
-                try:
-                    results = _run_loop(_pull(config, mine, store, concurrency=per_child,
-                                              live=False,
-                                              feeds=None if fetch is None else fetch.feed))
-                finally:
-                    store.close()
+                results = _pull_into_store(config, mine, fetch, concurrency=per_child,
+                                           live=False)
             finally:
                 if fetch is not None:
                     fetch.close()

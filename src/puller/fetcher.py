@@ -82,6 +82,7 @@ class FetchProcess:
         self._ending = threading.Lock()  # the reader, the loop and a store thread may all end it
         self._status: int | None = None  # its wait status, once reaped
         self._reaping = threading.Lock()  # the reader thread and the loop may both ask
+        self._stopped = False
 
     @classmethod
     def start(cls, jobs: Sequence[pipeline.Job], config: PullerConfig, *,
@@ -123,8 +124,8 @@ class FetchProcess:
     def tell(self, message: tuple[Any, ...]) -> None:
         """Send a message to the fetch process; if it is gone, its sweeps fail. From any
         thread: a message is far below PIPE_BUF, so each is written whole."""
-        if self._ended is not None:
-            return  # each open sweep was told why, once
+        if self._ended is not None or self._stopped:
+            return  # each open sweep was told why, once; or the pull is over
         try:
             _send(self._control, message)
         except OSError:  # EPIPE: it died; the reader says how
@@ -135,9 +136,16 @@ class FetchProcess:
         if self._feeds.pop(key, None) is not None and self._ended is None:
             self.tell(("stop", key))
 
+    def stop(self) -> None:
+        """Tell the fetch process to end: it exits when its pipe closes. Once its sweeps are
+        done, before the store closes, so that it ends meanwhile (close reaps it)."""
+        if not self._stopped:
+            self._stopped = True
+            os.close(self._control)
+
     def close(self) -> None:
-        """End the fetch process (it exits when its pipe closes) and reap it."""
-        os.close(self._control)
+        """End the fetch process and reap it."""
+        self.stop()
         if self._reader is not None:
             self._reader.join(_STOP_WAIT_S)
         if self._reap(_STOP_WAIT_S) is None:
@@ -406,12 +414,16 @@ def _receive(stream: IO[bytes]) -> Any:
 
 
 def _wait(pid: int, timeout_s: float) -> int | None:
-    """The wait status of `pid` once it exited within `timeout_s`; None if it still runs."""
+    """The wait status of `pid` once it exited within `timeout_s`; None if it still runs.
+    Polled at 0.5 ms, then less often: a fetch process told to end exits within ~2 ms, and
+    a first pause of 10 ms was 1% of a pull of 100k at page size 500."""
     end = time.monotonic() + timeout_s
+    pause_s = 0.0005
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return status
         if time.monotonic() >= end:
             return None
-        time.sleep(0.01)
+        time.sleep(pause_s)
+        pause_s = min(2 * pause_s, 0.01)

@@ -237,11 +237,8 @@ class CallbackSource:
         """
         query = urlencode(protocol.request_params(request))
         url = f"{self._callback.url}{self._joiner}{query}"
-        async for attempt in self._retrying():
-            with attempt:
-                return await self._post(url, self._body, page=request.label,
-                                        cap=self._callback.max_page_bytes)
-        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+        return await self._with_retries(lambda: self._post(
+            url, self._body, page=request.label, cap=self._callback.max_page_bytes))
 
     async def acknowledge(self, ack: Ack) -> None:
         """POST the delivery acknowledgement to commit_url, retried; raises errors.AckError."""
@@ -253,12 +250,31 @@ class CallbackSource:
             accepted=ack.accepted, rejected=ack.rejected,
         )
         try:
-            async for attempt in self._retrying():
-                with attempt:
-                    await self._post(url, body, page=ack.request.label, cap=65_536)
+            await self._with_retries(
+                lambda: self._post(url, body, page=ack.request.label, cap=65_536))
         except errors.CallbackError as exc:
             raise errors.AckError(tenant=self._tenant.id, scope=self._scope.value,
                                   page=ack.request.label, reason=str(exc.args[0])) from exc
+
+    async def _with_retries(self, post: Callable[[], Awaitable[bytes]]) -> bytes:
+        """`post()`, retried by the policy on transient failures. The first attempt runs
+        outside tenacity, which takes over once it failed transiently: it is given that
+        failure as its own first attempt, so the attempts, waits and Retry-After are as if
+        it had made it. Setting up and stepping tenacity for a request that succeeds cost
+        ~45 µs of CPU, ~6% of the fetch process at page size 50."""
+        try:
+            return await post()
+        except Exception as exc:
+            if not isinstance(exc, errors.Transient):  # as tenacity's retry= decides
+                raise
+            failed: BaseException | None = exc
+        async for attempt in self._retrying():
+            with attempt:
+                if failed is not None:
+                    first, failed = failed, None
+                    raise first
+                return await post()
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     def _retrying(self) -> Any:
         observer = self._observer

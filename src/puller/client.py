@@ -146,10 +146,17 @@ class _NoCookies(httpx.Cookies):
         return None
 
 
-class _Client(httpx.AsyncClient):
-    """httpx's AsyncClient without cookie state (the callback protocol has no cookies)."""
+class HttpClient(httpx.AsyncClient):
+    """httpx's AsyncClient without cookie state (the callback protocol has no cookies), and
+    with its transport at hand: CallbackSource sends each request through `transport`
+    itself (httpx's transport API), not through the client's send machinery."""
 
     _no_cookies = _NoCookies()
+
+    def __init__(self, *, transport: GuardedTransport, headers: dict[str, str]) -> None:
+        super().__init__(transport=transport, follow_redirects=False, trust_env=False,
+                         headers=headers)
+        self.transport = transport
 
     @property
     def cookies(self) -> httpx.Cookies:
@@ -162,7 +169,7 @@ class _Client(httpx.AsyncClient):
 
 def build_http_client(
     *, allow_private_networks: bool, ca_bundle: str | None = None, resolver: Resolver = resolve,
-) -> httpx.AsyncClient:
+) -> HttpClient:
     """An AsyncClient whose every connection passes the address guard; redirects off.
 
     TLS certificates are always verified, against `ca_bundle` when a tenant pins one.
@@ -170,10 +177,7 @@ def build_http_client(
     tls = ssl.create_default_context(cafile=ca_bundle)
     transport = GuardedTransport(allow_private=allow_private_networks, tls=tls,
                                  resolver=resolver)
-    return _Client(
-        transport=transport, follow_redirects=False, trust_env=False,
-        headers={"User-Agent": USER_AGENT},
-    )
+    return HttpClient(transport=transport, headers={"User-Agent": USER_AGENT})
 
 
 class HttpClients:
@@ -181,9 +185,9 @@ class HttpClients:
 
     def __init__(self, *, allow_private_networks: bool) -> None:
         self._allow_private = allow_private_networks
-        self._clients: dict[str | None, httpx.AsyncClient] = {}
+        self._clients: dict[str | None, HttpClient] = {}
 
-    def for_tenant(self, tenant: TenantConfig) -> httpx.AsyncClient:
+    def for_tenant(self, tenant: TenantConfig) -> HttpClient:
         """The client for a tenant; an unreadable ca_bundle is a config error."""
         key = tenant.ca_bundle
         if key not in self._clients:
@@ -211,7 +215,7 @@ class CallbackSource:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: HttpClient,
         *,
         tenant: TenantConfig,
         scope: Scope,
@@ -227,7 +231,12 @@ class CallbackSource:
         self._policy = policy
         self._sleep = sleep
         self._observer = observer
-        self._headers = {**tenant.header_values(), "Content-Type": "application/json"}
+        # What the client's send would add to each request: its default headers, overridden
+        # case-insensitively by the tenant's, and the timeouts.
+        self._headers = httpx.Headers(http.headers)
+        self._headers.update({**tenant.header_values(), "Content-Type": "application/json"})
+        self._extensions = {"timeout": httpx.Timeout(
+            callback.timeout_s, connect=CONNECT_TIMEOUT_S).as_dict()}
         self._body = protocol.request_body(tenant.shop)
         # The page's parameters are appended to the URL as text, encoded as httpx encodes
         # `params`: httpx's `params=` would replace a query the URL has of its own (a region,
@@ -298,12 +307,18 @@ class CallbackSource:
         where = _Where(tenant=self._tenant.id, scope=self._scope.value, page=page)
         path = urlsplit(url).path or "/"
         try:
-            async with self._http.stream(
-                "POST", url, content=body, headers=self._headers,
-                timeout=httpx.Timeout(self._callback.timeout_s, connect=CONNECT_TIMEOUT_S),
-            ) as response:
+            # Straight through the transport, as AsyncClient.send would end up doing with
+            # redirects off, no cookies and no auth: the client's machinery around it was
+            # ~45 µs of CPU a request (a pull at page size 50: 1.66 -> 1.55 s, see README).
+            request = httpx.Request("POST", url, content=body, headers=self._headers,
+                                    extensions=self._extensions)
+            response = await self._http.transport.handle_async_request(request)
+            response.request = request
+            try:
                 _check_status(response, path=path, where=where)
                 return await _read_capped(response, cap=cap, where=where)
+            finally:
+                await response.aclose()
         except _RefusedAddress as exc:
             raise errors.ForbiddenAddressError(
                 **where, host=exc.host, address=exc.address) from None

@@ -49,9 +49,15 @@ class Sleeps:
 
 
 @pytest.fixture
-def mock() -> Iterator[respx.MockRouter]:
-    # using="httpx": in front of whatever transport the client has (puller's is aiohttp).
-    with respx.mock(assert_all_called=False, using="httpx") as router:
+def mock(monkeypatch: pytest.MonkeyPatch) -> Iterator[respx.MockRouter]:
+    # puller sends each request through its own transport (client.GuardedTransport, httpx's
+    # transport API): the router answers there, in place of the network.
+    with respx.mock(assert_all_called=False, using=None) as router:
+        async def answer(_transport: client.GuardedTransport,
+                         request: httpx.Request) -> httpx.Response:
+            return await router.async_handler(request)
+
+        monkeypatch.setattr(client.GuardedTransport, "handle_async_request", answer)
         yield router
 
 

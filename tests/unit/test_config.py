@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import yaml
 
 from puller import errors
-from puller.config import dialect_of, load_config, parse_duration_s
+from puller.config import _FAST_LOADER, _parse_yaml, dialect_of, load_config, parse_duration_s
 from puller.domain import Scope
 
 GOOD = """
@@ -172,3 +173,17 @@ def test_the_store_dialect_is_read_as_sqlalchemy_reads_it(url: str) -> None:
     """dialect_of reads the store URL without SQLAlchemy (the fetch process is forked
     before SQLAlchemy is imported); it must name the dialect SQLAlchemy will use."""
     assert dialect_of(url) == sa.make_url(url).get_backend_name()
+
+
+def test_yaml_is_read_by_libyaml_as_pyyaml_reads_it_and_errors_keep_pyyaml_words() -> None:
+    """The config is parsed on libyaml (where PyYAML has it) into the same tree as PyYAML's
+    own parser; text libyaml refuses is read again by PyYAML, whose message names the
+    problem: a tab by name, a lone surrogate as a config error, not a crash."""
+    assert _FAST_LOADER is getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    example = (Path(__file__).parents[2] / "config" / "puller.example.yaml").read_text()
+    for text in (GOOD, example):
+        assert _parse_yaml(text) == yaml.safe_load(text)
+    with pytest.raises(errors.ConfigError, match=r"line 2: found character '\\t'"):
+        load_config("store: x\n\t- b\n", ENV)
+    with pytest.raises(errors.ConfigError, match="not valid YAML"):
+        load_config("store: \ud800\n", ENV)

@@ -185,11 +185,10 @@ def sqlite_alone(records: int, size: int, folder: str) -> None:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
-    statement = upsert.statement(Scope.CUSTOMER, "sqlite")
     started = time.perf_counter()
     for number, rows in enumerate(pages, start=2):
         db.execute("BEGIN")
-        db.executemany(statement, rows)
+        upsert.sqlite_upsert(db, Scope.CUSTOMER, rows)
         db.execute(upsert.SQLITE_COUNT, (len(rows), 0, 0, 0, run_id))
         db.execute(upsert.SQLITE_CHECKPOINT, upsert.sqlite_checkpoint(
             Checkpoint(next_number=number, next_page=number), Scope.CUSTOMER, tenant="b0",

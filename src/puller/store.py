@@ -269,7 +269,9 @@ class Store:
         rejections: Sequence[Rejection], checkpoint: Checkpoint, *, run_id: int, page: str,
         offered: int, normalised: int, now: datetime,
     ) -> int:
-        """The page on the driver connection: four statements in one BEGIN … COMMIT."""
+        """The page on the driver connection in one BEGIN … COMMIT: the records' upsert
+        (a few statements, upsert.sqlite_upsert), the rejections, the counters and the
+        checkpoint."""
         pooled = self.engine.raw_connection()
         db: sqlite3.Connection = pooled.driver_connection  # type: ignore[assignment]
         try:
@@ -278,7 +280,7 @@ class Store:
             if records:
                 # A stale row's DO UPDATE ... WHERE changes nothing, so the connection's
                 # change counter counts exactly the rows applied.
-                db.executemany(upsert.statement(scope, "sqlite"), records)
+                upsert.sqlite_upsert(db, scope, records)
             applied = int(db.total_changes - before)
             if rejections:
                 db.executemany(upsert.SQLITE_REJECT, upsert.sqlite_rejections(

@@ -4,17 +4,20 @@ SQLAlchemy's per-row parameter processing cost ~20 µs a record, and its stateme
 machinery ~60 µs per bookkeeping statement. PostgreSQL gets the whole page (records,
 rejections, run counters, checkpoint) as one statement of data-modifying CTEs with the
 records as one JSON parameter (`jsonb_to_recordset`): one round trip, one transaction.
-SQLite gets plain tuples through sqlite3's C `executemany` (GIL released while SQLite
-works; `json_each` re-parsed each row per column and was slower) and three more
-statements on the driver connection, inside one BEGIN … COMMIT. The records' rows and
+SQLite gets plain tuples as multi-row VALUES, a few statements a page (sqlite_upsert;
+`executemany`, one execution a row, cost SQLite 20% more CPU; `json_each` re-parsed each
+row per column and was slower still) and three more statements on the driver connection,
+inside one BEGIN … COMMIT. The records' rows and
 document are built in forms.py, which imports no SQLAlchemy (the fetch process builds them).
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import cache
+from itertools import chain
 from typing import Any
 
 from sqlalchemy import JSON, Table
@@ -28,10 +31,11 @@ _FROM_PAGE = ("tenant_id", "run_id", "stored_at")  # bound once per page, not pe
 
 
 @cache
-def statement(scope: Scope, dialect: str) -> str:
+def statement(scope: Scope, dialect: str, rows: int = 1) -> str:
     """The page upsert: ON CONFLICT DO UPDATE … WHERE newer (merge.is_newer in SQL), full
     replacement. PostgreSQL: INSERT … SELECT FROM the page document RETURNING the id.
-    SQLite: INSERT … VALUES (?, …) for executemany; applied rows counted by total_changes."""
+    SQLite: INSERT … VALUES (?, …), (?, …) … for `rows` rows; applied rows counted by
+    total_changes."""
     table = schema.RECORD_TABLES[scope.value]
     key = scope.id_field
     names = [c.name for c in table.columns]
@@ -39,7 +43,8 @@ def statement(scope: Scope, dialect: str) -> str:
     updates = ", ".join(f"{quoted[n]} = excluded.{quoted[n]}" for n in names
                         if n not in ("tenant_id", key))
     if dialect == "sqlite":
-        source, returning = f"VALUES ({', '.join('?' * len(names))})", ""
+        row = f"({', '.join('?' * len(names))})"
+        source, returning = f"VALUES {', '.join([row] * rows)}", ""
     else:
         source, returning = _pg_source(table), f" RETURNING {quoted[key]}"
     # Identifiers come from schema.py, never from input; every value is a bound parameter.
@@ -49,6 +54,31 @@ def statement(scope: Scope, dialect: str) -> str:
         f'WHERE "{table.name}"."last_modified_date" < excluded."last_modified_date"'
         f"{returning}"
     )
+
+
+SQLITE_BLOCK_ROWS = 512
+"""The most rows one SQLite upsert statement takes (fewer where SQLite allows fewer
+variables): blocks are powers of two, so a few statements of each scope are prepared."""
+
+
+def sqlite_upsert(db: sqlite3.Connection, scope: Scope, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Upsert `rows` (SQLite rows of `scope`, as forms.py makes them) in blocks of multi-row
+    VALUES, largest first: a page of 500 is six statements (256 + 128 + … + 4 rows), of 50
+    three. Against one execution a row (`executemany`), SQLite's own page transactions of
+    100k customers took 20% less CPU at page size 500 and 11% less at 50. The rows are
+    applied in order, as one statement a row would apply them."""
+    if not rows:
+        return
+    width = len(rows[0])
+    most = min(SQLITE_BLOCK_ROWS, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width)
+    block = 1 << (most.bit_length() - 1)  # the largest power of two within `most`
+    at = 0
+    while at < len(rows):
+        while block > len(rows) - at:
+            block //= 2
+        db.execute(statement(scope, "sqlite", block), list(chain.from_iterable(
+            rows[at:at + block])))
+        at += block
 
 
 SQLITE_REJECT = (

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -163,3 +165,35 @@ def test_the_row_layouts_are_checked_against_the_tables(monkeypatch: pytest.Monk
         monkeypatch.setitem(upsert.LAYOUTS, Scope.CUSTOMER, wrong)
         with pytest.raises(AssertionError, match="customer columns are"):
             upsert.check_layouts()
+
+
+@pytest.mark.parametrize("variables", [32766, 100], ids=["sqlite-default", "100-variables"])
+def test_sqlite_upsert_applies_every_row_in_blocks_and_newest_wins(
+    tmp_path: Path, variables: int,
+) -> None:
+    """SQLite takes a page as multi-row VALUES in blocks of a power of two rows, within its
+    limit on bound variables: all 1,100 rows are applied (512 + 512 + 64 + 8 + 4 rows, or
+    blocks of 4 under a limit of 100 variables), and a block's stale rows change nothing."""
+    store = Store.open(f"sqlite:///{tmp_path / 'blocks.db'}")
+    pooled = store.engine.raw_connection()
+    try:
+        db: sqlite3.Connection = pooled.driver_connection  # type: ignore[assignment]
+        db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, variables)
+        run_id = store.start_run("acme", Scope.PRODUCT, trigger="test", now=NOW)
+        first = _products(*[(f"p{i}", "2024-12-01T10:00:00Z") for i in range(1100)])
+        second = _products(*[(f"p{i}", "2024-12-02T10:00:00Z" if i % 2 == 0
+                              else "2024-11-01T10:00:00Z") for i in range(1100)])
+        for page, applied in ((first, 1100), (second, 550)):
+            rows = forms.sqlite_rows(page, Scope.PRODUCT, tenant="acme", run_id=run_id, now=NOW)
+            before = db.total_changes
+            db.execute("BEGIN")
+            upsert.sqlite_upsert(db, Scope.PRODUCT, rows)
+            db.execute("COMMIT")
+            assert db.total_changes - before == applied
+    finally:
+        pooled.close()
+    stored = _stored(store)
+    store.close()
+    assert len(stored) == 1100
+    assert stored["p0"] == datetime(2024, 12, 2, 10, tzinfo=UTC)  # newer: applied
+    assert stored["p1"] == datetime(2024, 12, 1, 10, tzinfo=UTC)  # older: stale

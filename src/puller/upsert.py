@@ -7,8 +7,8 @@ records as one JSON parameter (`jsonb_to_recordset`): one round trip, one transa
 SQLite gets plain tuples as multi-row VALUES, a few statements a page (sqlite_upsert;
 `executemany`, one execution a row, cost SQLite 20% more CPU; `json_each` re-parsed each
 row per column and was slower still) and three more statements on the driver connection,
-inside one BEGIN … COMMIT. The records' rows and
-document are built in forms.py, which imports no SQLAlchemy (the fetch process builds them).
+inside one BEGIN … COMMIT. The records' rows and document are built in forms.py, which
+imports no SQLAlchemy (the fetch process builds them).
 """
 
 from __future__ import annotations

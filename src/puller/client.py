@@ -224,7 +224,7 @@ class CallbackSource:
         sleep: Sleep = asyncio.sleep,
         observer: RequestObserver | None = None,
     ) -> None:
-        self._http = http
+        self._transport = http.transport  # each request goes through it (_post_once)
         self._tenant = tenant
         self._scope = scope
         self._callback = callback
@@ -312,7 +312,7 @@ class CallbackSource:
             # ~45 µs of CPU a request (a pull at page size 50: 1.66 -> 1.55 s, see README).
             request = httpx.Request("POST", url, content=body, headers=self._headers,
                                     extensions=self._extensions)
-            response = await self._http.transport.handle_async_request(request)
+            response = await self._transport.handle_async_request(request)
             response.request = request
             try:
                 _check_status(response, path=path, where=where)

@@ -180,7 +180,7 @@ def sqlite_alone(records: int, size: int, folder: str) -> None:
     people = [make_customer(i) for i in range(records)]
     pages = [forms.sqlite_rows(validation.validate_page(Scope.CUSTOMER,
                                                         people[at:at + size]).accepted,
-                               Scope.CUSTOMER, tenant="b0", run_id=run_id, now=now)
+                               Scope.CUSTOMER)
              for at in range(0, records, size)]
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
@@ -188,8 +188,8 @@ def sqlite_alone(records: int, size: int, folder: str) -> None:
     started = time.perf_counter()
     for number, rows in enumerate(pages, start=2):
         db.execute("BEGIN")
-        upsert.sqlite_upsert(db, Scope.CUSTOMER, rows)
-        db.execute(upsert.SQLITE_COUNT, (len(rows), 0, 0, 0, run_id))
+        upsert.sqlite_upsert(db, Scope.CUSTOMER, rows, tenant="b0", run_id=run_id, now=now)
+        db.execute(upsert.SQLITE_COUNT, (size, 0, 0, 0, run_id))
         db.execute(upsert.SQLITE_CHECKPOINT, upsert.sqlite_checkpoint(
             Checkpoint(next_number=number, next_page=number), Scope.CUSTOMER, tenant="b0",
             run_id=run_id, now=now))

@@ -51,7 +51,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
 
 from puller import errors, forms, logs, pipeline, records
@@ -286,7 +285,7 @@ async def _fetch_sweeps(jobs: dict[tuple[str, str], pipeline.Job], config: Pulle
                 slots = asyncio.Semaphore(job.callback.effective_prefetch + 1)
                 task = asyncio.create_task(_sweep(
                     job, rest[2], rest[3], http=http, config=config, slots=slots,
-                    out=_Out(pages, key, job=job, run_id=rest[3], dialect=dialect)))
+                    out=_Out(pages, key, job=job, dialect=dialect)))
                 sweeps[key] = (task, slots)
         for task, _ in sweeps.values():
             task.cancel()
@@ -315,12 +314,10 @@ class _Out:
     a page's records in the store's form (StoreRows), which the main process applies as
     they come."""
 
-    def __init__(self, pages: int, key: int, *, job: pipeline.Job, run_id: int,
-                 dialect: str) -> None:
+    def __init__(self, pages: int, key: int, *, job: pipeline.Job, dialect: str) -> None:
         self._pages = pages
         self._key = key
         self._job = job
-        self._run_id = run_id
         self._dialect = dialect
 
     async def put(self, item: pipeline.Fetched | BaseException | None) -> None:
@@ -344,8 +341,7 @@ class _Out:
         if job.scope is Scope.CUSTOMER:
             valid = records.valid_customers(raws, normalize_case=job.tenant.normalize_case)
             if valid is not None:
-                rows = forms.customer_rows(valid[0], self._dialect, tenant=job.tenant.id,
-                                           run_id=self._run_id, now=datetime.now(UTC))
+                rows = forms.customer_rows(valid[0], self._dialect)
                 if rows is not None:
                     return ValidatedPage(accepted=[], rejections=[], normalised=valid[1],
                                          rows=rows)
@@ -355,9 +351,7 @@ class _Out:
         page = item.page
         if page.rows is not None:  # made so by validate
             return item
-        rows = forms.prepare(page.accepted, self._job.scope, self._dialect,
-                             tenant=self._job.tenant.id, run_id=self._run_id,
-                             now=datetime.now(UTC))  # the store stamps its own time
+        rows = forms.prepare(page.accepted, self._job.scope, self._dialect)
         return dataclasses.replace(item, page=ValidatedPage(
             accepted=[], rejections=page.rejections, normalised=page.normalised, rows=rows))
 

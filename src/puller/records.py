@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import (
@@ -511,11 +512,14 @@ def customer_id_text(value: str | int) -> str:
 
 def customer_extra(record: dict[str, Any]) -> dict[str, Any]:
     """A valid customer's fields beyond the declared ones, in the order sent: stored as
-    `extra`."""
-    declared = _DECLARED
-    if len(record) == _ALWAYS_DECLARED + ("deleted_at" in record):
+    `extra`. `record` is pydantic-core's (valid_customers, _fast_page), which holds the
+    declared fields first, in _FastCustomer's order, then the others as sent: the extra
+    fields are the ones after the declared (0.28 µs a record against 0.45 µs picking
+    them by name)."""
+    declared = _ALWAYS_DECLARED + ("deleted_at" in record)
+    if len(record) == declared:
         return {}  # every field is a declared one
-    extra = {k: v for k, v in record.items() if k not in declared}
+    extra = dict(islice(record.items(), declared, None))
     for value in extra.values():  # ~0.1 µs a record; parsed JSON has plain dicts and lists
         if type(value) in _CONTAINERS:
             if nests_too_deep(extra):

@@ -231,18 +231,16 @@ class Store:
         """Store a page in one transaction: records, rejections, run counters, checkpoint.
 
         The records are `accepted`, or `rows` when they were put in this store's form
-        already (the fetch process); the store stamps them with `run_id` and `now`.
+        already (the fetch process); the page statement adds `tenant`, `run_id` and `now`.
         """
         if rows is None:
-            rows = forms.prepare(accepted, scope, self._dialect, tenant=tenant,
-                                 run_id=run_id, now=now)
-            records = rows.payload
+            rows = forms.prepare(accepted, scope, self._dialect)
         elif rows.dialect != self._dialect:  # pragma: no cover - a defect, not input
             raise AssertionError(f"rows for {rows.dialect} given to a {self._dialect} store")
-        elif self._dialect == "sqlite":
-            records = forms.sqlite_stamped(rows.payload, run_id=run_id, now=now)
-        else:
-            records = rows.payload  # the document; run and time are the page's parameters
+        records = rows.payload  # tenant, run and time are the statement's parameters
+        if self._dialect == "sqlite" and len(records) != rows.survivors * forms.sqlite_width(scope):
+            # pragma: no cover - a defect, not input (a NUL in a value, where none can be)
+            raise AssertionError(f"{len(records)} values for {rows.survivors} {scope} rows")
         offered = rows.survivors + rows.duplicates  # every accepted record not applied is stale
         if self._dialect == "sqlite":
             applied = self._sqlite_page(
@@ -265,7 +263,7 @@ class Store:
         return PageOutcome(applied=applied, stale=offered - applied, rejected=len(rejections))
 
     def _sqlite_page(
-        self, tenant: str, scope: Scope, records: Sequence[tuple[Any, ...]],
+        self, tenant: str, scope: Scope, records: list[str],
         rejections: Sequence[Rejection], checkpoint: Checkpoint, *, run_id: int, page: str,
         offered: int, normalised: int, now: datetime,
     ) -> int:
@@ -280,7 +278,7 @@ class Store:
             if records:
                 # A stale row's DO UPDATE ... WHERE changes nothing, so the connection's
                 # change counter counts exactly the rows applied.
-                upsert.sqlite_upsert(db, scope, records)
+                upsert.sqlite_upsert(db, scope, records, tenant=tenant, run_id=run_id, now=now)
             applied = int(db.total_changes - before)
             if rejections:
                 db.executemany(upsert.SQLITE_REJECT, upsert.sqlite_rejections(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -133,8 +135,7 @@ def test_rows_made_elsewhere_are_stamped_with_the_applying_run_and_time(store: S
     versions = [("p1", "2024-12-01T00:00:00Z"), ("p2", "2024-12-01T00:00:00Z"),
                 ("p1", "2024-12-02T00:00:00Z")]
     run = store.start_run("acme", Scope.PRODUCT, trigger="test", now=NOW)
-    rows = forms.prepare(_products(*versions), Scope.PRODUCT, store.engine.dialect.name,
-                         tenant="acme", run_id=run + 99, now=NOW - timedelta(days=3))
+    rows = forms.prepare(_products(*versions), Scope.PRODUCT, store.engine.dialect.name)
     outcome = store.apply_page(run_id=run, tenant="acme", scope=Scope.PRODUCT, page="1",
                                accepted=[], rejections=[], checkpoint=Checkpoint(2, 2, None),
                                normalised=0, now=NOW, rows=rows)
@@ -167,6 +168,32 @@ def test_the_row_layouts_are_checked_against_the_tables(monkeypatch: pytest.Monk
             upsert.check_layouts()
 
 
+def test_sqlite_rows_pickled_through_the_pipe_arrive_whole_or_not_at_all(tmp_path: Path) -> None:
+    """SQLite rows cross the fetch process's pipe as one NUL-joined text (StoreRows's
+    pickling). They arrive as sent; a value holding a NUL, which the fetch process never
+    sends, would split into too many values, and the store refuses the page instead of
+    storing columns in each other's places."""
+    store = Store.open(f"sqlite:///{tmp_path / 'pipe.db'}")
+    try:
+        run = store.start_run("acme", Scope.PRODUCT, trigger="test", now=NOW)
+        rows = forms.prepare(_products(("p1", "2024-12-01T00:00:00Z"),
+                                       ("p2", "2024-12-01T00:00:00Z")), Scope.PRODUCT, "sqlite")
+        sent = pickle.loads(pickle.dumps(rows))  # noqa: S301 - made here
+        assert sent == rows and sent.payload is not rows.payload
+        broken = pickle.loads(pickle.dumps(dataclasses.replace(  # noqa: S301 - made here
+            rows, payload=[rows.payload[0] + "\x00x", *rows.payload[1:]])))
+        with pytest.raises(AssertionError, match="9 values for 2 product rows"):
+            store.apply_page(run_id=run, tenant="acme", scope=Scope.PRODUCT, page="1",
+                             accepted=[], rejections=[], checkpoint=Checkpoint(2, 2, None),
+                             normalised=0, now=NOW, rows=broken)
+        store.apply_page(run_id=run, tenant="acme", scope=Scope.PRODUCT, page="1", accepted=[],
+                         rejections=[], checkpoint=Checkpoint(2, 2, None), normalised=0,
+                         now=NOW, rows=sent)
+        assert set(_stored(store)) == {"p1", "p2"}
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("variables", [32766, 100], ids=["sqlite-default", "100-variables"])
 def test_sqlite_upsert_applies_every_row_in_blocks_and_newest_wins(
     tmp_path: Path, variables: int,
@@ -184,10 +211,10 @@ def test_sqlite_upsert_applies_every_row_in_blocks_and_newest_wins(
         second = _products(*[(f"p{i}", "2024-12-02T10:00:00Z" if i % 2 == 0
                               else "2024-11-01T10:00:00Z") for i in range(1100)])
         for page, applied in ((first, 1100), (second, 550)):
-            rows = forms.sqlite_rows(page, Scope.PRODUCT, tenant="acme", run_id=run_id, now=NOW)
+            rows = forms.sqlite_rows(page, Scope.PRODUCT)
             before = db.total_changes
             db.execute("BEGIN")
-            upsert.sqlite_upsert(db, Scope.PRODUCT, rows)
+            upsert.sqlite_upsert(db, Scope.PRODUCT, rows, tenant="acme", run_id=run_id, now=NOW)
             db.execute("COMMIT")
             assert db.total_changes - before == applied
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any
 
@@ -55,7 +56,8 @@ def test_validation_never_raises_and_accounts_for_every_record(
                for r in page.rejections)
     now = datetime.now(UTC)
     for dialect in ("sqlite", "postgresql"):
-        forms.prepare(page.accepted, scope, dialect, tenant="t", run_id=1, now=now)
+        rows = forms.prepare(page.accepted, scope, dialect)
+        assert pickle.loads(pickle.dumps(rows)) == rows  # noqa: S301 - as the fetch process sends them
     upsert.sqlite_rejections(page.rejections, scope, tenant="t", run_id=1, page="1", now=now)
     upsert.pg_page_params("[]", page.rejections, Checkpoint(), scope, tenant="t", run_id=1,
                           page="1", offered=len(raws), normalised=0, now=now)
@@ -121,6 +123,8 @@ def near_valid_records(draw: st.DrawFn) -> tuple[Scope, dict[str, Any]]:
     for field in draw(st.lists(st.sampled_from([*record, "deleted_at", "extra_key"]),
                                max_size=3)):
         record[field] = draw(field_values)
+    if draw(st.booleans()):  # the fields in any order: an extra one may come first
+        record = dict(draw(st.permutations(list(record.items()))))
     return scope, record
 
 
@@ -179,6 +183,8 @@ def customer_pages(draw: st.DrawFn) -> list[dict[str, Any]]:
                                    max_size=3)):
             record[field] = draw(timestamps | z_times | field_values
                                  | st.sampled_from(["YES", "no"]))
+        if draw(st.booleans()):
+            record = dict(draw(st.permutations(list(record.items()))))
         page.append(record)
     return _parsed(page)
 
@@ -198,15 +204,13 @@ def test_customer_rows_are_what_prepare_makes_of_the_validated_records(
     """The fetch process's shortcut (forms.customer_rows from records.valid_customers)
     stores exactly what validating and preparing the page stores, or declines; it declines
     only pages with a repeated id (or a date that is no date), which then go the long way."""
-    now = datetime.now(UTC)
     page_result = validate_page(Scope.CUSTOMER, page, normalize_case=normalize)
     valid = rules.valid_customers(page, normalize_case=normalize)
     if valid is None:
         event("the fast path refused the page")
         return
-    rows = forms.customer_rows(valid[0], dialect, tenant="t", run_id=7, now=now)
-    expected = forms.prepare(page_result.accepted, Scope.CUSTOMER, dialect, tenant="t",
-                             run_id=7, now=now)
+    rows = forms.customer_rows(valid[0], dialect)
+    expected = forms.prepare(page_result.accepted, Scope.CUSTOMER, dialect)
     if rows is None:
         event("customer_rows declined")
         assert expected.duplicates > 0 or page_result.rejections

@@ -192,7 +192,7 @@ def test_a_record_nested_too_deep_is_rejected_and_the_rest_of_its_page_stored(
     page = validate_page(scope, [make[scope](2), deep])
     now = datetime.now(UTC)
     for dialect in ("sqlite", "postgresql"):
-        assert forms.prepare(page.accepted, scope, dialect, tenant="t", run_id=1, now=now)
+        assert forms.prepare(page.accepted, scope, dialect)
     upsert.sqlite_rejections(page.rejections, scope, tenant="t", run_id=1, page="1", now=now)
     if kept:
         assert (len(page.accepted), page.rejections) == (2, [])
@@ -205,7 +205,7 @@ def test_a_record_nested_too_deep_is_rejected_and_the_rest_of_its_page_stored(
     if scope is Scope.CUSTOMER:
         valid = records.valid_customers([deep])
         assert valid is not None
-        assert forms.customer_rows(valid[0], "sqlite", tenant="t", run_id=1, now=now) is None
+        assert forms.customer_rows(valid[0], "sqlite") is None
 
 
 @pytest.mark.parametrize("scope", list(Scope))

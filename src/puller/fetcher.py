@@ -341,10 +341,10 @@ class _Out:
         if job.scope is Scope.CUSTOMER:
             valid = records.valid_customers(raws, normalize_case=job.tenant.normalize_case)
             if valid is not None:
-                rows = forms.customer_rows(valid[0], self._dialect)
+                rows = forms.customer_rows(valid, self._dialect)
                 if rows is not None:
-                    return ValidatedPage(accepted=[], rejections=[], normalised=valid[1],
-                                         rows=rows)
+                    return ValidatedPage(accepted=[], rejections=[],
+                                         normalised=valid.normalised, rows=rows)
         return records.validate_page(job.scope, raws, normalize_case=job.tenant.normalize_case)
 
     def _in_store_form(self, item: pipeline.Fetched) -> pipeline.Fetched:

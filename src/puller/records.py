@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from itertools import islice
-from typing import Annotated, Any, Literal, NotRequired
+from typing import Annotated, Any, Literal, NamedTuple, NotRequired
 
 from pydantic import (
     AfterValidator,
@@ -18,7 +17,6 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
-    with_config,
 )
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
@@ -161,20 +159,32 @@ def validate_page(
     return _slow_page(scope, raws, normalize_case=normalize_case)
 
 
+class ValidCustomers(NamedTuple):
+    """A customer page that the fast path accepts whole (valid_customers)."""
+
+    records: list[dict[str, Any]]
+    """pydantic-core's dicts: the declared fields only."""
+    sent: Sequence[dict[str, Any]]
+    """The records as validated (case normalised), for their extra fields (customer_extra)."""
+    normalised: int
+    """How many fields case normalisation changed."""
+
+
 def valid_customers(raws: Sequence[object], *, normalize_case: bool = False
-                    ) -> tuple[list[dict[str, Any]], int] | None:
-    """A customer page as pydantic-core validated it, with the count of case
-    normalisations, when the fast path accepts every record; None when it does not (then
-    validate_page decides and explains). For a page's store form built straight from these
-    dicts (forms.customer_rows), with `customer_id_text`, `utc` and `customer_extra`: what
-    validate_page's records hold, without building them."""
+                    ) -> ValidCustomers | None:
+    """A customer page as pydantic-core validated it when the fast path accepts every
+    record; None when it does not (then validate_page decides and explains). For a page's
+    store form built straight from these dicts (forms.customer_rows), with
+    `customer_id_text`, `utc` and `customer_extra`: what validate_page's records hold,
+    without building them."""
     if isinstance(raws, RecordsWithNul):
         return None
     candidates, changes = _candidates(raws, normalize_case=normalize_case)
     try:
-        return _fast_adapter(Scope.CUSTOMER).validate_python(candidates), changes
+        valid = _fast_adapter(Scope.CUSTOMER).validate_python(candidates)
     except ValidationError:
         return None
+    return ValidCustomers(valid, candidates, changes)  # type: ignore[arg-type]
 
 
 def _candidates(raws: Sequence[object], *, normalize_case: bool
@@ -435,12 +445,14 @@ _FastId = (
 _FastTime = Annotated[str, Strict(), StringConstraints(max_length=40, pattern=_FAST_TIME)]
 
 
+# Fields beyond the declared ones are left out (a TypedDict's default, extra="ignore"):
+# with extra="allow", pydantic-core tracks the keys it used, and validated a page of 500
+# customers in 0.77-0.80 ms instead of 0.50; customer_extra takes them from the record sent.
 class _FastRecord(TypedDict):
     last_modified_date: _FastTime
     deleted_at: NotRequired[_FastTime | None]
 
 
-@with_config(ConfigDict(extra="allow"))
 class _FastCustomer(_FastRecord):
     customer_id: _FastId
     email: Annotated[str, Strict(), StringConstraints(max_length=255, pattern=_FAST_EMAIL)]
@@ -454,13 +466,11 @@ class _FastCustomer(_FastRecord):
     gender: Literal["Male", "Female"]
 
 
-@with_config(ConfigDict(extra="allow"))
 class _FastOrder(_FastRecord):
     order_id: _FastId
     customer_id: _FastId
 
 
-@with_config(ConfigDict(extra="allow"))
 class _FastProduct(_FastRecord):
     product_id: _FastId
 
@@ -487,18 +497,19 @@ def _fast_page(scope: Scope, candidates: Sequence[object]) -> list[Accepted] | N
         return None
     try:
         if scope is Scope.CUSTOMER:
-            return _fast_customers(valid)
+            return _fast_customers(valid, candidates)  # type: ignore[arg-type]
         return _fast_payloads(scope, valid, candidates)
     except ValueError:  # a timestamp of the right shape that is no date (2024-13-01)
         return None
 
 
-def _fast_customers(valid: list[dict[str, Any]]) -> list[Accepted]:
+def _fast_customers(valid: list[dict[str, Any]],
+                    candidates: Sequence[dict[str, Any]]) -> list[Accepted]:
     accepted = []
-    for position, record in enumerate(valid):
+    for position, (record, sent) in enumerate(zip(valid, candidates, strict=True)):
         deleted = record.get("deleted_at")
         columns = {name: record[name] for name in CUSTOMER_COLUMNS}
-        columns["extra"] = customer_extra(record)
+        columns["extra"] = customer_extra(record, sent)
         accepted.append(Accepted(
             customer_id_text(record["customer_id"]), utc(record["last_modified_date"]),
             None if deleted is None else utc(deleted), columns, position))
@@ -510,16 +521,14 @@ def customer_id_text(value: str | int) -> str:
     return value if type(value) is str else str(value)
 
 
-def customer_extra(record: dict[str, Any]) -> dict[str, Any]:
+def customer_extra(record: dict[str, Any], sent: dict[str, Any]) -> dict[str, Any]:
     """A valid customer's fields beyond the declared ones, in the order sent: stored as
     `extra`. `record` is pydantic-core's (valid_customers, _fast_page), which holds the
-    declared fields first, in _FastCustomer's order, then the others as sent: the extra
-    fields are the ones after the declared (0.28 µs a record against 0.45 µs picking
-    them by name)."""
-    declared = _ALWAYS_DECLARED + ("deleted_at" in record)
-    if len(record) == declared:
+    declared fields of `sent` and no other: when it has as many, `sent` has no other."""
+    if len(sent) == len(record):
         return {}  # every field is a declared one
-    extra = dict(islice(record.items(), declared, None))
+    declared = _DECLARED
+    extra = {k: v for k, v in sent.items() if k not in declared}
     for value in extra.values():  # ~0.1 µs a record; parsed JSON has plain dicts and lists
         if type(value) in _CONTAINERS:
             if nests_too_deep(extra):
@@ -550,7 +559,6 @@ def _fast_payloads(scope: Scope, valid: list[dict[str, Any]],
 
 
 _DECLARED = _FastCustomer.__required_keys__ | _FastCustomer.__optional_keys__
-_ALWAYS_DECLARED = len(_DECLARED - {"deleted_at"})  # pydantic-core requires all but that
 
 
 def utc(value: str) -> datetime:

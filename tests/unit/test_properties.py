@@ -209,7 +209,7 @@ def test_customer_rows_are_what_prepare_makes_of_the_validated_records(
     if valid is None:
         event("the fast path refused the page")
         return
-    rows = forms.customer_rows(valid[0], dialect)
+    rows = forms.customer_rows(valid, dialect)
     expected = forms.prepare(page_result.accepted, Scope.CUSTOMER, dialect)
     if rows is None:
         event("customer_rows declined")
@@ -217,7 +217,7 @@ def test_customer_rows_are_what_prepare_makes_of_the_validated_records(
         return
     event("customer_rows took it")
     assert page_result.rejections == []
-    assert valid[1] == page_result.normalised
+    assert valid.normalised == page_result.normalised
     assert rows == expected
 
 

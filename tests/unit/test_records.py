@@ -205,7 +205,7 @@ def test_a_record_nested_too_deep_is_rejected_and_the_rest_of_its_page_stored(
     if scope is Scope.CUSTOMER:
         valid = records.valid_customers([deep])
         assert valid is not None
-        assert forms.customer_rows(valid[0], "sqlite") is None
+        assert forms.customer_rows(valid, "sqlite") is None
 
 
 @pytest.mark.parametrize("scope", list(Scope))

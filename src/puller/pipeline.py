@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from puller import errors, logs, pagination, protocol, records
 from puller.config import CallbackConfig, TenantConfig
@@ -35,6 +35,8 @@ from puller.domain import (
     Where,
     import_waves,
 )
+
+T = TypeVar("T")
 
 
 class PageSource(Protocol):
@@ -115,7 +117,12 @@ async def run_sweep(
     elsewhere (fetcher.FetchProcess); by default a task of this loop fetches (LocalFeed).
     """
     lease = sink.lease(job.tenant.id, job.scope)
-    held = await asyncio.to_thread(lease.__enter__)
+
+    async def release(held: bool) -> None:
+        if held:
+            await asyncio.to_thread(lease.__exit__, None, None, None)
+
+    held = await _in_thread_undone_if_cancelled(lease.__enter__, undo=release)
     try:
         if not held:
             return _skipped(job, "another process is pulling this tenant and scope right now")
@@ -143,8 +150,14 @@ async def _leased_sweep(
     log = logs.get_logger()
     started = clock.monotonic()
     tenant, scope = job.tenant.id, job.scope
-    run_id = await asyncio.to_thread(sink.start_run, tenant, scope, trigger=job.trigger,
-                                     now=clock.now())
+
+    async def interrupted(run_id: int) -> None:
+        await asyncio.to_thread(sink.finish_run, run_id, status="interrupted", now=clock.now(),
+                                error=_INTERRUPTED)
+        log.warning("run_interrupted", tenant=tenant, scope=scope.value, run_id=run_id)
+
+    run_id = await _in_thread_undone_if_cancelled(functools.partial(
+        sink.start_run, tenant, scope, trigger=job.trigger, now=clock.now()), undo=interrupted)
     status: RunStatus = "succeeded"
     error: str | None = None
     with logs.bound(tenant=tenant, scope=scope.value, run_id=run_id):
@@ -163,10 +176,7 @@ async def _leased_sweep(
             status, error = "failed", internal_error(exc)
         except asyncio.CancelledError:
             # Shielded so an interrupted run is recorded as such before the task ends.
-            await asyncio.shield(asyncio.to_thread(
-                sink.finish_run, run_id, status="interrupted", now=clock.now(), error=_INTERRUPTED,
-            ))
-            log.warning("run_interrupted")
+            await asyncio.shield(interrupted(run_id))
             raise
         stats = await asyncio.to_thread(sink.finish_run, run_id, status=status,
                                         now=clock.now(), error=error)
@@ -180,6 +190,23 @@ async def _leased_sweep(
 
 
 _INTERRUPTED = "interrupted (shutdown or signal); the next run resumes at the checkpoint"
+
+
+async def _in_thread_undone_if_cancelled(call: Callable[[], T],
+                                         undo: Callable[[T], Awaitable[None]]) -> T:
+    """`call()` in a thread. Cancelled meanwhile, the thread still finishes (a lease taken,
+    a run row written), so its result is undone (`undo`) before the cancellation goes on:
+    a run started as SIGTERM came stayed `running` in the store."""
+    done = asyncio.ensure_future(asyncio.to_thread(call))
+    try:
+        return await asyncio.shield(done)
+    except asyncio.CancelledError:
+        try:
+            result = await done
+        except Exception:  # it did nothing to undo; the cancellation goes on
+            raise asyncio.CancelledError from None
+        await undo(result)
+        raise
 
 
 def internal_error(exc: BaseException) -> str:
@@ -683,8 +710,20 @@ async def run_tenant(jobs: Sequence[Job], run_one: RunOne) -> list[RunResult]:
     by_scope = {job.scope: job for job in jobs}
     results: list[RunResult] = []
     for wave in import_waves(by_scope):
-        results.extend(await asyncio.gather(*(run_one(by_scope[s]) for s in wave)))
+        results.extend(await _all_of([run_one(by_scope[s]) for s in wave]))
     return results
+
+
+async def _all_of(awaitables: Sequence[Awaitable[T]]) -> list[T]:
+    """Their results, run concurrently; an exception (a cancellation too) is raised once
+    every one has ended. asyncio.gather passed the first one on at once: on SIGTERM the
+    command then ended while other sweeps were still recording their runs as interrupted,
+    and the event loop's teardown cancelled that, leaving the runs `running`."""
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]  # no exception among them
 
 
 async def run_all(jobs: Sequence[Job], run_one: RunOne, *, max_concurrent: int) -> list[RunResult]:
@@ -698,5 +737,5 @@ async def run_all(jobs: Sequence[Job], run_one: RunOne, *, max_concurrent: int) 
     tenants: dict[str, list[Job]] = {}
     for job in jobs:
         tenants.setdefault(job.tenant.id, []).append(job)
-    nested = await asyncio.gather(*(run_tenant(group, gated) for group in tenants.values()))
+    nested = await _all_of([run_tenant(group, gated) for group in tenants.values()])
     return [result for group in nested for result in group]

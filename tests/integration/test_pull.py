@@ -699,3 +699,69 @@ async def test_parallel_pages_asks_ahead_and_applies_in_order(
     assert set(range(1, 20)) <= set(asked)
     assert len(asked) == len(set(asked)), "no page asked twice"
     assert max(asked) <= 19 + 3, "at most parallel_pages - 1 asked beyond the end"
+
+
+@BACKENDS
+async def test_a_pull_cancelled_while_a_run_is_being_started_records_it_interrupted(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM (the pull cancelled) while the store writes a run's row: the thread writes
+    it anyway, so the run is recorded as interrupted and its lease freed before the
+    cancellation goes on. It stayed `running` before, and the lease held."""
+    add_dataset(tenant_server, tenant_id, customers=5)
+    config = config_for(tenant_server, tenant_id, store=store_url, scopes={"customer": {}})
+    writing, go_on = threading.Event(), threading.Event()
+    start_run = store.start_run
+
+    def slow_start_run(*args: Any, **kwargs: Any) -> int:
+        writing.set()
+        go_on.wait(10)
+        return start_run(*args, **kwargs)
+
+    monkeypatch.setattr(store, "start_run", slow_start_run)
+    pulling = asyncio.create_task(pull(config, store))
+    assert await asyncio.to_thread(writing.wait, 10)
+    pulling.cancel()
+    await asyncio.sleep(0.05)  # the cancellation reaches the sweep while the row is written
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await pulling
+    assert [r["status"] for r in run_rows(store, tenant_id)] == ["interrupted"]
+    monkeypatch.undo()
+    (result,) = await pull(config, store)  # the lease was freed
+    assert result.status == "succeeded", result.error
+
+
+async def test_a_cancelled_pull_ends_after_every_sweep_recorded_its_run(
+    tenant_server: TenantServer,
+) -> None:
+    """Cancelled (SIGTERM), run_all raises only once every sweep has ended: one sweep that
+    records its run quickly does not end the pull while another still records its own
+    (asyncio.gather passed the first cancellation on at once, and the command's exit then
+    cut the other short: its run stayed `running`)."""
+    recorded: list[str] = []
+    started = asyncio.Event()
+
+    async def run_one(job: pipeline.Job) -> Any:
+        try:
+            started.set()
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            if job.scope is Scope.PRODUCT:  # a slower store write
+                await asyncio.shield(asyncio.sleep(0.2))
+            recorded.append(job.scope.value)
+            raise
+        raise AssertionError("not cancelled")
+
+    config = config_for(tenant_server, "t", store="sqlite://",
+                        scopes={"customer": {}, "product": {}})
+    tenant = config.tenants[0]
+    jobs = [pipeline.Job(tenant=tenant, scope=scope) for scope in tenant.callbacks]
+    pulling = asyncio.create_task(pipeline.run_all(jobs, run_one, max_concurrent=4))
+    await started.wait()
+    await asyncio.sleep(0.01)
+    pulling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pulling
+    assert sorted(recorded) == ["customer", "product"]

@@ -239,7 +239,7 @@ class Store:
             raise AssertionError(f"rows for {rows.dialect} given to a {self._dialect} store")
         records = rows.payload  # tenant, run and time are the statement's parameters
         if self._dialect == "sqlite" and len(records) != rows.survivors * forms.sqlite_width(scope):
-            # pragma: no cover - a defect, not input (a NUL in a value, where none can be)
+            # A defect, not input: a NUL in a value, where none can be (StoreRows.__reduce__)
             raise AssertionError(f"{len(records)} values for {rows.survivors} {scope} rows")
         offered = rows.survivors + rows.duplicates  # every accepted record not applied is stale
         if self._dialect == "sqlite":

@@ -8,8 +8,8 @@ SQLite gets the rows' values as multi-row VALUES, a few statements a page, with 
 tenant, the run and the time bound once a statement (sqlite_upsert; `executemany`, one
 execution a row, cost SQLite 20% more CPU; `json_each` re-parsed each row per column and
 was slower still) and three more statements on the driver connection, inside one BEGIN …
-COMMIT. The records' rows and document are built in forms.py, which
-imports no SQLAlchemy (the fetch process builds them).
+COMMIT. The records' rows and document are built in forms.py, which imports no
+SQLAlchemy (the fetch process builds them).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def statement(scope: Scope, dialect: str, rows: int = 1) -> str:
     """The page upsert: ON CONFLICT DO UPDATE … WHERE newer (merge.is_newer in SQL), full
     replacement. PostgreSQL: INSERT … SELECT FROM the page document RETURNING the id.
     SQLite: INSERT … SELECT FROM (VALUES (?, …), (?, …) …) for `rows` rows of
-    forms.sqlite_rows, with the tenant, the run and the time as ?1, ?2 and ?3; applied
-    rows counted by total_changes."""
+    forms.sqlite_rows, with the tenant, the run and the time as ?1, ?2 and ?3, and
+    forms.NO_TIME as ?4 (a deleted_at of that value is stored as NULL); applied rows
+    counted by total_changes."""
     table = schema.RECORD_TABLES[scope.value]
     key = scope.id_field
     names = [c.name for c in table.columns]
@@ -57,7 +58,7 @@ def statement(scope: Scope, dialect: str, rows: int = 1) -> str:
 
 
 def _sqlite_source(scope: Scope, rows: int) -> str:
-    # A VALUES subquery's columns are column1, column2, …; a "?" after ?3 is ?4, and so on.
+    # A VALUES subquery's columns are column1, column2, …; a "?" after ?4 is ?5, and so on.
     # `WHERE true` tells SQLite's parser that ON CONFLICT starts the upsert, not a join.
     width = sqlite_width(scope)
     picks = ["?1", *[f"column{n}" for n in range(1, width)], f"NULLIF(column{width}, ?4)",

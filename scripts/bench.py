@@ -185,11 +185,12 @@ def sqlite_alone(records: int, size: int, folder: str) -> None:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
+    width = forms.sqlite_width(Scope.CUSTOMER)
     started = time.perf_counter()
     for number, rows in enumerate(pages, start=2):
         db.execute("BEGIN")
         upsert.sqlite_upsert(db, Scope.CUSTOMER, rows, tenant="b0", run_id=run_id, now=now)
-        db.execute(upsert.SQLITE_COUNT, (size, 0, 0, 0, run_id))
+        db.execute(upsert.SQLITE_COUNT, (len(rows) // width, 0, 0, 0, run_id))
         db.execute(upsert.SQLITE_CHECKPOINT, upsert.sqlite_checkpoint(
             Checkpoint(next_number=number, next_page=number), Scope.CUSTOMER, tenant="b0",
             run_id=run_id, now=now))

@@ -24,7 +24,7 @@ from sqlalchemy import JSON, Table
 
 from puller import schema
 from puller.domain import Checkpoint, Rejection, Scope
-from puller.forms import LAYOUTS, NO_TIME, sqlite_time, sqlite_width
+from puller.forms import LAYOUTS, NO_TIME, PG_KEYS, sqlite_time, sqlite_width
 from puller.protocol import json_text
 
 _FROM_PAGE = ("tenant_id", "run_id", "stored_at")  # bound once per page, not per row
@@ -47,7 +47,7 @@ def statement(scope: Scope, dialect: str, rows: int = 1) -> str:
     if dialect == "sqlite":
         source, returning = _sqlite_source(scope, rows), ""
     else:
-        source, returning = _pg_source(table), f" RETURNING {quoted[key]}"
+        source, returning = _pg_source(table, scope), f" RETURNING {quoted[key]}"
     # Identifiers come from schema.py, never from input; every value is a bound parameter.
     return (
         f'INSERT INTO "{table.name}" ({", ".join(quoted.values())}) {source} '
@@ -176,14 +176,15 @@ def pg_page_params(document: str, rejections: Sequence[Rejection],
     return params
 
 
-def _pg_source(table: Table) -> str:
+def _pg_source(table: Table, scope: Scope) -> str:
+    keys = PG_KEYS[scope]  # the document's key of each column
     picks, fields = [], []
     for column in table.columns:
         if column.name in _FROM_PAGE:
             picks.append(f"%({column.name})s")
             continue
-        picks.append(f'r."{column.name}"')
-        fields.append(f'"{column.name}" {_pg_type(column.type)}')
+        picks.append(f'r."{keys[column.name]}"')
+        fields.append(f'"{keys[column.name]}" {_pg_type(column.type)}')
     return (f"SELECT {', '.join(picks)} FROM jsonb_to_recordset(%(doc)s::jsonb) "  # noqa: S608
             f"AS r({', '.join(fields)})")
 

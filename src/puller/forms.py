@@ -32,9 +32,16 @@ LAYOUTS: dict[Scope, tuple[tuple[str, ...], tuple[str, ...]]] = {
 these, then last_modified_date, deleted_at, run_id, stored_at (upsert checks it)."""
 
 
-def _pg_keys(scope: Scope) -> dict[str, str]:
+def record_columns(scope: Scope) -> tuple[str, ...]:
+    """The columns a record fills, in schema.py's order: the table's columns without
+    tenant_id, run_id and stored_at, which a page's statement adds. SQLite's flat rows hold
+    these values (sqlite_rows); PostgreSQL's document has these keys (PG_KEYS)."""
     plain, documents = LAYOUTS[scope]
-    names = (scope.id_field, "last_modified_date", "deleted_at", *plain, *documents)
+    return (scope.id_field, *plain, *documents, "last_modified_date", "deleted_at")
+
+
+def _pg_keys(scope: Scope) -> dict[str, str]:
+    names = record_columns(scope)
     return dict(zip(names, ascii_lowercase[:len(names)], strict=True))
 
 
@@ -48,8 +55,7 @@ interleaved rounds, less in each)."""
 
 def sqlite_width(scope: Scope) -> int:
     """How many values a record has in SQLite's flat rows (sqlite_rows)."""
-    plain, documents = LAYOUTS[scope]
-    return 1 + len(plain) + len(documents) + 2
+    return len(record_columns(scope))
 
 
 def prepare(records: Sequence[Accepted], scope: Scope, dialect: str) -> StoreRows:

@@ -24,7 +24,7 @@ from sqlalchemy import JSON, Table
 
 from puller import schema
 from puller.domain import Checkpoint, Rejection, Scope
-from puller.forms import LAYOUTS, NO_TIME, PG_KEYS, sqlite_time, sqlite_width
+from puller.forms import LAYOUTS, NO_TIME, PG_KEYS, record_columns, sqlite_time, sqlite_width
 from puller.protocol import json_text
 
 _FROM_PAGE = ("tenant_id", "run_id", "stored_at")  # bound once per page, not per row
@@ -205,11 +205,10 @@ def check_layouts() -> None:
     """forms.LAYOUTS against schema.py's record tables; raises AssertionError on a schema
     edit that forms.py does not follow (run at import: a wrong layout would store columns
     in each other's places)."""
-    for scope, (plain, documents) in LAYOUTS.items():
+    for scope, (_, documents) in LAYOUTS.items():
         table = schema.RECORD_TABLES[scope.value]
         names = [c.name for c in table.columns]
-        expected = ["tenant_id", scope.id_field, *plain, *documents,
-                    "last_modified_date", "deleted_at", "run_id", "stored_at"]
+        expected = ["tenant_id", *record_columns(scope), "run_id", "stored_at"]
         json_columns = {c.name for c in table.columns if isinstance(c.type, JSON)}
         if names != expected or json_columns != set(documents):
             raise AssertionError(f"{scope.value} columns are {names} (JSON: {json_columns}); "

@@ -184,13 +184,20 @@ class Store:
 
     def start_run(self, tenant: str, scope: Scope, *, trigger: str, now: datetime) -> int:
         """Record a new run; earlier runs of this (tenant, scope) left `running` are abandoned."""
+        if self._dialect == "sqlite":
+            with self._sqlite_transaction() as db:
+                db.execute(upsert.SQLITE_ABANDON, (forms.sqlite_time(now), _ABANDONED, tenant,
+                                                   scope.value))
+                run_id = db.execute(upsert.SQLITE_START_RUN, (
+                    tenant, scope.value, trigger, forms.sqlite_time(now), worker_id())).lastrowid
+            assert run_id is not None  # an INSERT's row id
+            return run_id
         with self._begin() as conn:
             conn.execute(
                 update(schema.runs)
                 .where(schema.runs.c.tenant_id == tenant, schema.runs.c.scope == scope.value,
                        schema.runs.c.status == "running")
-                .values(status="abandoned", finished_at=now,
-                        error="the process ended without finishing this run")
+                .values(status="abandoned", finished_at=now, error=_ABANDONED)
             )
             run_id = conn.execute(
                 schema.runs.insert().returning(schema.runs.c.id).values(
@@ -203,6 +210,10 @@ class Store:
 
     def load_checkpoint(self, tenant: str, scope: Scope) -> Checkpoint:
         """Where the next run starts; a fresh sweep when none is stored."""
+        if self._dialect == "sqlite":
+            with self._sqlite_transaction() as db:
+                found = db.execute(upsert.SQLITE_LOAD_CHECKPOINT, (tenant, scope.value)).fetchone()
+            return Checkpoint() if found is None else Checkpoint(*found)
         with self._begin() as conn:
             row = conn.execute(
                 select(schema.checkpoints).where(
@@ -270,10 +281,7 @@ class Store:
         """The page on the driver connection in one BEGIN … COMMIT: the records' upsert
         (a few statements, upsert.sqlite_upsert), the rejections, the counters and the
         checkpoint."""
-        pooled = self.engine.raw_connection()
-        db: sqlite3.Connection = pooled.driver_connection  # type: ignore[assignment]
-        try:
-            db.execute("BEGIN")
+        with self._sqlite_transaction() as db:
             before = db.total_changes
             if records:
                 # A stale row's DO UPDATE ... WHERE changes nothing, so the connection's
@@ -287,14 +295,26 @@ class Store:
                        (applied, len(rejections), offered - applied, normalised, run_id))
             db.execute(upsert.SQLITE_CHECKPOINT, upsert.sqlite_checkpoint(
                 checkpoint, scope, tenant=tenant, run_id=run_id, now=now))
+        return applied
+
+    @contextmanager
+    def _sqlite_transaction(self) -> Iterator[sqlite3.Connection]:
+        """A pooled connection's driver connection inside BEGIN … COMMIT: rolled back and
+        the error made a StoreError if anything fails."""
+        pooled = self.engine.raw_connection()
+        db: sqlite3.Connection = pooled.driver_connection  # type: ignore[assignment]
+        try:
+            db.execute("BEGIN")
+            yield db
             db.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            raise _store_error(exc) from exc
+            if isinstance(exc, sqlite3.Error):
+                raise _store_error(exc) from exc
+            raise
         finally:
             pooled.close()
-        return applied
 
     def count_failed_ack(self, run_id: int) -> None:
         with self._begin() as conn:
@@ -310,6 +330,16 @@ class Store:
         hold it, and the run would stay open."""
         if error is not None:
             error = error.replace("\x00", "\ufffd")
+        if self._dialect == "sqlite":
+            with self._sqlite_transaction() as db:
+                db.execute(upsert.SQLITE_FINISH_RUN,
+                           (status, forms.sqlite_time(now), error, run_id))
+                found = db.execute(upsert.SQLITE_RUN_STATS, (run_id,)).fetchone()
+            if found is None:
+                raise errors.StoreError(f"run {run_id} is no longer in the store: it was "
+                                        "deleted while it ran; its pages are stored, and the "
+                                        "next run resumes at the checkpoint")
+            return RunStats(*found)
         with self._begin() as conn:
             conn.execute(update(schema.runs).where(schema.runs.c.id == run_id)
                          .values(status=status, finished_at=now, error=error))
@@ -396,6 +426,9 @@ class Store:
             return int(conn.execute(
                 select(func.count()).select_from(table).where(table.c.tenant_id == tenant)
             ).scalar_one())
+
+
+_ABANDONED = "the process ended without finishing this run"
 
 
 def _pg_page_on(leased: Connection, sql: str, params: dict[str, Any]) -> int:

@@ -116,6 +116,28 @@ SQLITE_CHECKPOINT = (
 )
 
 
+# A run's own rows on SQLite, on the driver connection as the page's statements: through
+# SQLAlchemy's statement machinery, starting a run, reading its checkpoint and finishing it
+# cost ~1.7 ms of CPU a sweep, which a pull of many small tenants pays for each.
+SQLITE_ABANDON = (
+    "UPDATE runs SET status = 'abandoned', finished_at = ?, error = ? "
+    "WHERE tenant_id = ? AND scope = ? AND status = 'running'"
+)
+SQLITE_START_RUN = (
+    "INSERT INTO runs (tenant_id, scope, trigger, status, started_at, pages, accepted, "
+    "rejected, stale, normalised, acks_failed, worker) "
+    "VALUES (?, ?, ?, 'running', ?, 0, 0, 0, 0, 0, 0, ?)"
+)
+SQLITE_FINISH_RUN = "UPDATE runs SET status = ?, finished_at = ?, error = ? WHERE id = ?"
+SQLITE_RUN_STATS = (
+    "SELECT pages, accepted, rejected, stale, normalised, acks_failed FROM runs WHERE id = ?"
+)
+SQLITE_LOAD_CHECKPOINT = (
+    "SELECT next_number, next_page, next_cursor FROM checkpoints "
+    "WHERE tenant_id = ? AND scope = ?"
+)
+
+
 def sqlite_rejections(rejections: Sequence[Rejection], scope: Scope, *, tenant: str,
                       run_id: int, page: str, now: datetime) -> list[tuple[Any, ...]]:
     """Rejected records as SQLITE_REJECT rows."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -224,3 +225,44 @@ def test_sqlite_upsert_applies_every_row_in_blocks_and_newest_wins(
     assert len(stored) == 1100
     assert stored["p0"] == datetime(2024, 12, 2, 10, tzinfo=UTC)  # newer: applied
     assert stored["p1"] == datetime(2024, 12, 1, 10, tzinfo=UTC)  # older: stale
+
+
+def test_sqlite_writes_from_many_threads_take_turns_on_one_connection(tmp_path: Path) -> None:
+    """Eight threads applying pages at once (eight sweeps) all commit, through the store's
+    one SQLite writer connection in turn: no pooled connection each, whose page cache
+    another connection's writes would void, and no wait in SQLite's busy handler. A page
+    that fails is rolled back and the writer goes on."""
+    store = Store.open(f"sqlite:///{tmp_path / 'turns.db'}")
+    try:
+        def sweep(tenant: str) -> None:
+            run = store.start_run(tenant, Scope.PRODUCT, trigger="test", now=NOW)
+            for page in range(10):
+                store.apply_page(
+                    run_id=run, tenant=tenant, scope=Scope.PRODUCT, page=str(page + 1),
+                    accepted=_products(*[(f"p{page}-{i}", "2024-12-01T00:00:00Z")
+                                         for i in range(20)]),
+                    rejections=[], checkpoint=Checkpoint(page + 2, page + 2, None),
+                    normalised=0, now=NOW)
+            assert store.finish_run(run, status="succeeded", now=NOW).accepted == 200
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(sweep, [f"t{n}" for n in range(8)]))
+        assert store.kept_connections == 1
+        assert store.engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+        with store.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(schema.products)
+                                ).scalar_one() == 8 * 200
+        broken = dataclasses.replace(forms.prepare(_products(("p", "2024-12-01T00:00:00Z")),
+                                                   Scope.PRODUCT, "sqlite"), survivors=2)
+        with pytest.raises(AssertionError):  # refused before the transaction
+            store.apply_page(run_id=1, tenant="t0", scope=Scope.PRODUCT, page="11",
+                             accepted=[], rejections=[], checkpoint=Checkpoint(12, 12, None),
+                             normalised=0, now=NOW, rows=broken)
+        with pytest.raises(errors.StoreError, match="nothing of this step was written"):
+            store.apply_page(run_id=1, tenant="t0", scope=Scope.PRODUCT, page="11",
+                             accepted=[], rejections=[Rejection(0, {}, ("x",))],
+                             checkpoint=Checkpoint(None, 12, None),  # type: ignore[arg-type]
+                             normalised=0, now=NOW)  # next_number NOT NULL: IntegrityError
+        assert store.load_checkpoint("t0", Scope.PRODUCT) == Checkpoint(11, 11, None)
+    finally:
+        store.close()

@@ -627,7 +627,7 @@ def _targets(rows: list[dict[str, Any]], latency_ms: float) -> None:
     for r in rows:
         if r["what"].startswith(SOLO):
             # Like against like: many tenants with --fetch-process against one tenant with
-            # it (the one process's figure flattered the fetch process 1.3-1.7x).
+            # it (against the one process's figure the fetch process looked 1.4-2x better).
             fetching = r["what"].endswith(", fetch process")
             many = [m for m in rows if m["what"].startswith("puller pull (page")
                     and "parallel_pages" not in m["what"]

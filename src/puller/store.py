@@ -199,11 +199,11 @@ class Store:
     def start_run(self, tenant: str, scope: Scope, *, trigger: str, now: datetime) -> int:
         """Record a new run; earlier runs of this (tenant, scope) left `running` are abandoned."""
         if self._dialect == "sqlite":
+            at = forms.sqlite_time(now)
             with self._sqlite_transaction() as db:
-                db.execute(upsert.SQLITE_ABANDON, (forms.sqlite_time(now), _ABANDONED, tenant,
-                                                   scope.value))
+                db.execute(upsert.SQLITE_ABANDON, (at, _ABANDONED, tenant, scope.value))
                 run_id = db.execute(upsert.SQLITE_START_RUN, (
-                    tenant, scope.value, trigger, forms.sqlite_time(now), worker_id())).lastrowid
+                    tenant, scope.value, trigger, at, worker_id())).lastrowid
             assert run_id is not None  # an INSERT's row id
             return run_id
         with self._begin() as conn:

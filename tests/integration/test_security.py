@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +69,32 @@ async def test_a_tenant_may_pin_its_ca_bundle(tls_server: TenantServer, ca: trus
     result = await _pull(_tls_config(tls_server, store_url, ca_bundle=str(bundle)), store)
     assert result.status == "succeeded", result.error
     assert store.count_records("tls", Scope.CUSTOMER) == 15
+
+
+@pytest.mark.parametrize("fetch_process", [False, True], ids=["one-process", "fetch-process"])
+def test_a_tenant_trusted_by_the_system_ca_store_is_trusted(
+    tls_server: TenantServer, ca: trustme.CA, tmp_path: Path, fetch_process: bool,
+) -> None:
+    """aiohttp is imported without the system's CA certificates (imports.py); puller's own
+    TLS context still has them: with the private CA as the system's store (SSL_CERT_FILE),
+    `puller pull` trusts the server without a ca_bundle, and says what it trusts."""
+    system_store = tmp_path / "system-ca.pem"
+    ca.cert_pem.write_to_path(str(system_store))
+    url = tls_server.url.replace("127.0.0.1", "localhost") + "/tls/customers"
+    config = tmp_path / "puller.yaml"
+    config.write_text(
+        f"store: sqlite:///{tmp_path}/tls.db\nallow_private_networks: true\ntenants:\n"
+        f"  - id: tls\n    shop: tls.example.com\n    callbacks:\n"
+        f"      customer: {{url: '{url}', page_size: 10}}\n")
+    config.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PULLER_", "SSL_CERT"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "puller", "pull", "--config", str(config), "--json",
+         *(["--fetch-process"] if fetch_process else [])],
+        env={**env, "SSL_CERT_FILE": str(system_store)}, capture_output=True, text=True,
+        timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert [(r["status"], r["accepted"]) for r in json.loads(done.stdout)] == [("succeeded", 15)]
 
 
 async def test_an_unreadable_ca_bundle_is_a_config_error(tls_server: TenantServer,

@@ -166,7 +166,7 @@ def sqlite_alone(records: int, size: int, folder: str) -> None:
     import sqlite3
     from datetime import UTC, datetime
 
-    from puller import forms, upsert
+    from puller import forms, sqlite_store
     from puller import records as validation
     from puller.domain import Checkpoint, Scope
     from puller.store import Store
@@ -189,9 +189,9 @@ def sqlite_alone(records: int, size: int, folder: str) -> None:
     started = time.perf_counter()
     for number, rows in enumerate(pages, start=2):
         db.execute("BEGIN")
-        upsert.sqlite_upsert(db, Scope.CUSTOMER, rows, tenant="b0", run_id=run_id, now=now)
-        db.execute(upsert.SQLITE_COUNT, (len(rows) // width, 0, 0, 0, run_id))
-        db.execute(upsert.SQLITE_CHECKPOINT, upsert.sqlite_checkpoint(
+        sqlite_store.upsert(db, Scope.CUSTOMER, rows, tenant="b0", run_id=run_id, now=now)
+        db.execute(sqlite_store.COUNT, (len(rows) // width, 0, 0, 0, run_id))
+        db.execute(sqlite_store.CHECKPOINT, sqlite_store.checkpoint_row(
             Checkpoint(next_number=number, next_page=number), Scope.CUSTOMER, tenant="b0",
             run_id=run_id, now=now))
         db.execute("COMMIT")

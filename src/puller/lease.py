@@ -1,34 +1,27 @@
 """Run leases: one process at a time per (tenant, scope), and one worker per SQLite file.
 
 PostgreSQL: a session advisory lock on a connection of its own. SQLite: an flock on a file
-beside the database. Both die with the process, so a crashed worker never blocks anyone.
+beside the database (sqlite_store.FileLeases). Both die with the process, so a crashed
+worker never blocks anyone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
-import socket
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import TextIO
 
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from puller import dberror, errors
 from puller.domain import Scope
+from puller.sqlite_store import FileLeases, worker_id
+
+__all__ = ["LEASE_CLASS", "Leases", "worker_id"]
 
 LEASE_CLASS = 0x70756C6C  # "pull": the first key of puller's PostgreSQL advisory locks
-
-
-def worker_id() -> str:
-    """host:pid of this process, asked each time: a forked `pull --processes` child has
-    its own pid."""
-    return f"{socket.gethostname()}:{os.getpid()}"[:100]
 
 
 class Leases:
@@ -38,7 +31,7 @@ class Leases:
         self._engine = engine
         self._dialect = engine.dialect.name
         self._held: dict[tuple[str, str], Connection] = {}
-        self._worker_lock: TextIO | None = None
+        self._files = FileLeases(engine.url.database if self._dialect == "sqlite" else None)
 
     @contextmanager
     def hold(self, tenant: str, scope: Scope) -> Iterator[bool]:
@@ -47,7 +40,7 @@ class Leases:
             with self._pg_lease(_lease_key(tenant, scope), (tenant, scope.value)) as held:
                 yield held
             return
-        with self._file_lock(f"{tenant}.{scope.value}.lock") as held:
+        with self._files.hold(tenant, scope) as held:
             yield held
 
     @contextmanager
@@ -75,52 +68,9 @@ class Leases:
         """The autocommit connection holding this process's PostgreSQL lease, if any."""
         return self._held.get((tenant, scope.value))
 
-    @contextmanager
-    def _file_lock(self, name: str) -> Iterator[bool]:
-        folder = self._lock_folder()
-        if folder is None:
-            yield True
-            return
-        with open(folder / name, "a+", encoding="utf-8") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def _lock_folder(self) -> Path | None:
-        database = self._engine.url.database
-        if self._dialect != "sqlite" or not database or database == ":memory:":
-            return None
-        folder = Path(f"{database}-locks")
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
     def claim_single_worker(self) -> None:
         """Refuse a second worker process on the same SQLite file (held until exit)."""
-        folder = self._lock_folder()
-        if folder is None:
-            return
-        handle = open(folder / "worker.lock", "a+", encoding="utf-8")  # noqa: SIM115
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            handle.close()
-            raise errors.StoreBusyError(
-                f"another puller worker ({owner}) is already running on this SQLite store; "
-                "SQLite serves one worker — stop that one, or move the store to PostgreSQL "
-                "to run several") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(worker_id())
-        handle.flush()
-        self._worker_lock = handle  # held (and the lock with it) until the process ends
+        self._files.claim_single_worker()
 
 
 def _lease_key(tenant: str, scope: Scope) -> int:

@@ -21,10 +21,12 @@ from sqlalchemy import (
 )
 
 from puller import schema
+from puller.sqlite_store import SCHEMA_HEAD
 
 SCRIPTS = Path(__file__).parent / "migrations"
-HEAD = "0003"
-"""The revision this code needs; a test checks it is the newest script in migrations/."""
+HEAD = SCHEMA_HEAD
+"""The revision this code needs (sqlite_store.SCHEMA_HEAD, where the pull on SQLite reads
+it without SQLAlchemy); a test checks it is the newest script in migrations/."""
 
 
 def head() -> str:

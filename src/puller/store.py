@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -25,10 +22,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import PoolProxiedConnection
 
-from puller import dberror, errors, forms, migration, schema, upsert
-from puller.dberror import BUSY_TIMEOUT_ENV
+from puller import errors, forms, migration, schema, sqlite_store, upsert
 from puller.domain import (
     Accepted,
     Checkpoint,
@@ -41,8 +36,9 @@ from puller.domain import (
 )
 from puller.lease import LEASE_CLASS, Leases, worker_id
 from puller.protocol import json_text
+from puller.sqlite_store import SQLITE_BUSY_TIMEOUT_MS, SqliteWriter, store_error
 
-SQLITE_BUSY_TIMEOUT_MS = 10_000
+__all__ = ["SQLITE_BUSY_TIMEOUT_MS", "ScopeStatus", "Store", "create_store_engine"]
 PG_POOL_SIZE = 10
 PG_MAX_OVERFLOW = 40
 SCHEMA_LOCK = 1  # second key of the advisory lock that serialises schema upgrades
@@ -59,17 +55,7 @@ class ScopeStatus:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # pysqlite would otherwise commit DDL implicitly; with its own transaction handling off
-    # and BEGIN emitted by SQLAlchemy (_sqlite_begin), migrations are transactional too.
-    dbapi_connection.isolation_level = None
-    # WAL lets status readers run beside the writer; synchronous=FULL fsyncs the WAL at
-    # every commit, so a page that was acknowledged survives power loss (NORMAL would not).
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    busy_ms = int(os.environ.get(BUSY_TIMEOUT_ENV) or SQLITE_BUSY_TIMEOUT_MS)
-    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-    cursor.close()
+    sqlite_store.pragmas(dbapi_connection)
 
 
 def create_store_engine(url: str) -> Engine:
@@ -78,7 +64,10 @@ def create_store_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise store_error(exc) from exc
         engine = create_engine(
             parsed, json_serializer=json_text, connect_args={"check_same_thread": False}
         )
@@ -104,8 +93,8 @@ class Store:
         self.engine = engine
         self._dialect = engine.dialect.name
         self._leases = Leases(engine)
-        self._writer: PoolProxiedConnection | None = None  # SQLite: see _sqlite_transaction
-        self._writing = threading.Lock()
+        # SQLite: one writer connection, from the pool, taken in turn (SqliteWriter)
+        self._sqlite = SqliteWriter(engine.raw_connection) if self._dialect == "sqlite" else None
 
     @classmethod
     def open(cls, url: str, *, check_schema: bool = True) -> Store:
@@ -178,14 +167,12 @@ class Store:
     @property
     def kept_connections(self) -> int:
         """Pooled connections the store keeps checked out between calls: SQLite's writer
-        (_sqlite_transaction), once a write made it."""
-        return 0 if self._writer is None else 1
+        (SqliteWriter), once a write made it."""
+        return 0 if self._sqlite is None else self._sqlite.kept_connections
 
     def close(self) -> None:
-        with self._writing:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
+        if self._sqlite is not None:
+            self._sqlite.close()
         self.engine.dispose()
 
     @contextmanager
@@ -194,24 +181,18 @@ class Store:
             with self.engine.begin() as conn:
                 yield conn
         except SQLAlchemyError as exc:
-            raise _store_error(exc) from exc
+            raise store_error(exc) from exc
 
     def start_run(self, tenant: str, scope: Scope, *, trigger: str, now: datetime) -> int:
         """Record a new run; earlier runs of this (tenant, scope) left `running` are abandoned."""
-        if self._dialect == "sqlite":
-            at = forms.sqlite_time(now)
-            with self._sqlite_transaction() as db:
-                db.execute(upsert.SQLITE_ABANDON, (at, _ABANDONED, tenant, scope.value))
-                run_id = db.execute(upsert.SQLITE_START_RUN, (
-                    tenant, scope.value, trigger, at, worker_id())).lastrowid
-            assert run_id is not None  # an INSERT's row id
-            return run_id
+        if self._sqlite is not None:
+            return self._sqlite.start_run(tenant, scope, trigger=trigger, now=now)
         with self._begin() as conn:
             conn.execute(
                 update(schema.runs)
                 .where(schema.runs.c.tenant_id == tenant, schema.runs.c.scope == scope.value,
                        schema.runs.c.status == "running")
-                .values(status="abandoned", finished_at=now, error=_ABANDONED)
+                .values(status="abandoned", finished_at=now, error=sqlite_store.ABANDONED)
             )
             run_id = conn.execute(
                 schema.runs.insert().returning(schema.runs.c.id).values(
@@ -224,10 +205,8 @@ class Store:
 
     def load_checkpoint(self, tenant: str, scope: Scope) -> Checkpoint:
         """Where the next run starts; a fresh sweep when none is stored."""
-        if self._dialect == "sqlite":
-            with self._sqlite_transaction() as db:
-                found = db.execute(upsert.SQLITE_LOAD_CHECKPOINT, (tenant, scope.value)).fetchone()
-            return Checkpoint() if found is None else Checkpoint(*found)
+        if self._sqlite is not None:
+            return self._sqlite.load_checkpoint(tenant, scope)
         with self._begin() as conn:
             row = conn.execute(
                 select(schema.checkpoints).where(
@@ -258,91 +237,35 @@ class Store:
         The records are `accepted`, or `rows` when they were put in this store's form
         already (the fetch process); the page statement adds `tenant`, `run_id` and `now`.
         """
+        if self._sqlite is not None:
+            return self._sqlite.apply_page(
+                run_id=run_id, tenant=tenant, scope=scope, page=page, accepted=accepted,
+                rejections=rejections, checkpoint=checkpoint, normalised=normalised, now=now,
+                rows=rows)
         if rows is None:
             rows = forms.prepare(accepted, scope, self._dialect)
         elif rows.dialect != self._dialect:  # pragma: no cover - a defect, not input
             raise AssertionError(f"rows for {rows.dialect} given to a {self._dialect} store")
-        records = rows.payload  # tenant, run and time are the statement's parameters
-        if self._dialect == "sqlite" and len(records) != rows.survivors * forms.sqlite_width(scope):
-            # A defect, not input: a NUL in a value, where none can be (StoreRows.__reduce__)
-            raise AssertionError(f"{len(records)} values for {rows.survivors} {scope} rows")
         offered = rows.survivors + rows.duplicates  # every accepted record not applied is stale
-        if self._dialect == "sqlite":
-            applied = self._sqlite_page(
-                tenant, scope, records, rejections, checkpoint, run_id=run_id, page=page,
-                offered=offered, normalised=normalised, now=now)
+        sql = upsert.pg_page_statement(scope, rejects=bool(rejections))
+        params = upsert.pg_page_params(
+            rows.payload, rejections, checkpoint, scope, tenant=tenant, run_id=run_id,
+            page=page, offered=offered, normalised=normalised, now=now)
+        # On the run's lease connection (autocommit: the one statement is the page's
+        # transaction) when there is one: a lease lost with its connection fails the
+        # write itself, so no page is written without the lease, at no extra round trip.
+        leased = self._leases.connection(tenant, scope)
+        if leased is None:  # a caller without the lease (tests, tools)
+            with self._begin() as conn:
+                applied = int(conn.exec_driver_sql(sql, params).scalar_one())
         else:
-            sql = upsert.pg_page_statement(scope, rejects=bool(rejections))
-            params = upsert.pg_page_params(
-                records, rejections, checkpoint, scope, tenant=tenant, run_id=run_id,
-                page=page, offered=offered, normalised=normalised, now=now)
-            # On the run's lease connection (autocommit: the one statement is the page's
-            # transaction) when there is one: a lease lost with its connection fails the
-            # write itself, so no page is written without the lease, at no extra round trip.
-            leased = self._leases.connection(tenant, scope)
-            if leased is None:  # a caller without the lease (tests, tools)
-                with self._begin() as conn:
-                    applied = int(conn.exec_driver_sql(sql, params).scalar_one())
-            else:
-                applied = _pg_page_on(leased, sql, params)
+            applied = _pg_page_on(leased, sql, params)
         return PageOutcome(applied=applied, stale=offered - applied, rejected=len(rejections))
 
-    def _sqlite_page(
-        self, tenant: str, scope: Scope, records: list[str],
-        rejections: Sequence[Rejection], checkpoint: Checkpoint, *, run_id: int, page: str,
-        offered: int, normalised: int, now: datetime,
-    ) -> int:
-        """The page on the driver connection in one BEGIN … COMMIT: the records' upsert
-        (a few statements, upsert.sqlite_upsert), the rejections, the counters and the
-        checkpoint."""
-        with self._sqlite_transaction() as db:
-            before = db.total_changes
-            if records:
-                # A stale row's DO UPDATE ... WHERE changes nothing, so the connection's
-                # change counter counts exactly the rows applied.
-                upsert.sqlite_upsert(db, scope, records, tenant=tenant, run_id=run_id, now=now)
-            applied = int(db.total_changes - before)
-            if rejections:
-                db.executemany(upsert.SQLITE_REJECT, upsert.sqlite_rejections(
-                    rejections, scope, tenant=tenant, run_id=run_id, page=page, now=now))
-            db.execute(upsert.SQLITE_COUNT,
-                       (applied, len(rejections), offered - applied, normalised, run_id))
-            db.execute(upsert.SQLITE_CHECKPOINT, upsert.sqlite_checkpoint(
-                checkpoint, scope, tenant=tenant, run_id=run_id, now=now))
-        return applied
-
-    @contextmanager
-    def _sqlite_transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN … COMMIT on this store's one SQLite writer connection, one thread at a
-        time: rolled back, and the error made a StoreError, if anything fails.
-
-        One connection and a lock, not a pooled connection each: SQLite has one writer at
-        a time anyway, and a connection drops its page cache whenever another connection
-        wrote. With eight sweeps at once, each page on whichever pooled connection was
-        free re-read the tables' pages (and waited in SQLite's busy handler, which sleeps
-        1, 2, 5 … ms between tries): the main process of a pull of 100 tenants x 2,000
-        customers with --fetch-process used 3.3 s of CPU at page size 50 against 2.5 s
-        for one tenant of 200,000."""
-        with self._writing:
-            if self._writer is None:
-                self._writer = self.engine.raw_connection()
-            db: sqlite3.Connection = self._writer.driver_connection  # type: ignore[assignment]
-            try:
-                db.execute("BEGIN")
-                yield db
-                db.execute("COMMIT")
-            except BaseException as exc:
-                if db.in_transaction:
-                    try:
-                        db.execute("ROLLBACK")
-                    except sqlite3.Error:  # a connection that cannot roll back is let go
-                        self._writer.invalidate()
-                        self._writer = None
-                if isinstance(exc, sqlite3.Error):
-                    raise _store_error(exc) from exc
-                raise
-
     def count_failed_ack(self, run_id: int) -> None:
+        if self._sqlite is not None:
+            self._sqlite.count_failed_ack(run_id)
+            return
         with self._begin() as conn:
             runs = schema.runs.c
             conn.execute(update(schema.runs).where(runs.id == run_id)
@@ -356,16 +279,8 @@ class Store:
         hold it, and the run would stay open."""
         if error is not None:
             error = error.replace("\x00", "\ufffd")
-        if self._dialect == "sqlite":
-            with self._sqlite_transaction() as db:
-                db.execute(upsert.SQLITE_FINISH_RUN,
-                           (status, forms.sqlite_time(now), error, run_id))
-                found = db.execute(upsert.SQLITE_RUN_STATS, (run_id,)).fetchone()
-            if found is None:
-                raise errors.StoreError(f"run {run_id} is no longer in the store: it was "
-                                        "deleted while it ran; its pages are stored, and the "
-                                        "next run resumes at the checkpoint")
-            return RunStats(*found)
+        if self._sqlite is not None:
+            return self._sqlite.finish_run(run_id, status=status, now=now, error=error)
         with self._begin() as conn:
             conn.execute(update(schema.runs).where(schema.runs.c.id == run_id)
                          .values(status=status, finished_at=now, error=error))
@@ -454,9 +369,6 @@ class Store:
             ).scalar_one())
 
 
-_ABANDONED = "the process ended without finishing this run"
-
-
 def _pg_page_on(leased: Connection, sql: str, params: dict[str, Any]) -> int:
     """The page statement on the lease's psycopg connection itself: SQLAlchemy's execution
     context around it was ~30-70 µs a page, and the page statement is on a pull's critical
@@ -468,16 +380,9 @@ def _pg_page_on(leased: Connection, sql: str, params: dict[str, Any]) -> int:
     try:
         row = driver.execute(sql, params).fetchone()
     except psycopg.Error as exc:
-        raise _store_error(exc) from exc
+        raise store_error(exc) from exc
     assert row is not None  # the statement always returns its one count row
     return int(row[0])
-
-
-def _store_error(exc: Exception) -> errors.StoreError:
-    return errors.StoreError(
-        f"{type(getattr(exc, 'orig', None) or exc).__name__}: {dberror.first_line(exc)} — "
-        f"nothing of this step was written; {dberror.hint(exc)}"
-    )
 
 
 def _sqlite_begin(conn: Connection) -> None:

@@ -19,9 +19,10 @@ import pytest
 import sqlalchemy as sa
 
 from puller import errors, schema
+from puller.dberror import BUSY_TIMEOUT_ENV
 from puller.domain import Scope
 from puller.records import validate_page
-from puller.store import BUSY_TIMEOUT_ENV, Store
+from puller.store import Store
 from puller.tenant_server import TenantServer
 from tests.conftest import add_dataset, config_for
 from tests.conftest import pull_one as pull

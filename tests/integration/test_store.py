@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from puller import errors, forms, schema, upsert
+from puller import errors, forms, schema, sqlite_store, upsert
 from puller.domain import Accepted, Checkpoint, Rejection, Scope
 from puller.records import validate_page
 from puller.store import Store
@@ -215,7 +215,7 @@ def test_sqlite_upsert_applies_every_row_in_blocks_and_newest_wins(
             rows = forms.sqlite_rows(page, Scope.PRODUCT)
             before = db.total_changes
             db.execute("BEGIN")
-            upsert.sqlite_upsert(db, Scope.PRODUCT, rows, tenant="acme", run_id=run_id, now=NOW)
+            sqlite_store.upsert(db, Scope.PRODUCT, rows, tenant="acme", run_id=run_id, now=NOW)
             db.execute("COMMIT")
             assert db.total_changes - before == applied
     finally:

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from puller import forms, records, upsert
+from puller import forms, records, sqlite_store
 from puller.domain import RecordsWithNul, Scope
 from puller.records import money_problems, validate_page
 from puller.tenant_server import make_customer, make_order, make_product
@@ -193,7 +193,7 @@ def test_a_record_nested_too_deep_is_rejected_and_the_rest_of_its_page_stored(
     now = datetime.now(UTC)
     for dialect in ("sqlite", "postgresql"):
         assert forms.prepare(page.accepted, scope, dialect)
-    upsert.sqlite_rejections(page.rejections, scope, tenant="t", run_id=1, page="1", now=now)
+    sqlite_store.rejection_rows(page.rejections, scope, tenant="t", run_id=1, page="1", now=now)
     if kept:
         assert (len(page.accepted), page.rejections) == (2, [])
         return
@@ -246,5 +246,5 @@ def test_a_record_that_is_no_object_is_kept_as_far_as_a_store_can_hold_it() -> N
         (3, nested_arrays(3))]
     assert all(r.reasons[0].endswith("not an object") for r in page.rejections)
     now = datetime.now(UTC)
-    upsert.sqlite_rejections(page.rejections, Scope.ORDER, tenant="t", run_id=1, page="1",
+    sqlite_store.rejection_rows(page.rejections, Scope.ORDER, tenant="t", run_id=1, page="1",
                              now=now)

@@ -112,6 +112,7 @@ class GuardedTransport(AiohttpTransport):
 
     def __init__(self, *, allow_private: bool, tls: ssl.SSLContext, resolver: Resolver) -> None:
         self._allow_private = allow_private
+        self.tls = tls
 
         def session() -> aiohttp.ClientSession:  # built inside the event loop, on first use
             connector = aiohttp.TCPConnector(
@@ -172,34 +173,44 @@ class HttpClient(httpx.AsyncClient):
 
 def build_http_client(
     *, allow_private_networks: bool, ca_bundle: str | None = None, resolver: Resolver = resolve,
+    for_https: bool = True,
 ) -> HttpClient:
     """An AsyncClient whose every connection passes the address guard; redirects off.
 
     TLS certificates are always verified, against `ca_bundle` when a tenant pins one.
+    `for_https=False`, for tenants whose every URL is http://: the TLS context trusts no
+    certificate instead of loading the system's CA certificates (16-40 ms of a pull's
+    start-up here), so an https request through it would fail verification, never skip it.
     """
-    tls = ssl.create_default_context(cafile=ca_bundle)
+    if for_https:
+        tls = ssl.create_default_context(cafile=ca_bundle)
+    else:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies, and trusts nothing
     transport = GuardedTransport(allow_private=allow_private_networks, tls=tls,
                                  resolver=resolver)
     return HttpClient(transport=transport, headers={"User-Agent": USER_AGENT})
 
 
 class HttpClients:
-    """One AsyncClient per CA bundle: the shared default, or a tenant's pinned CA."""
+    """One AsyncClient per CA bundle: the shared default, or a tenant's pinned CA; and one
+    for tenants whose every URL is http://, which loads no CA certificate."""
 
     def __init__(self, *, allow_private_networks: bool) -> None:
         self._allow_private = allow_private_networks
-        self._clients: dict[str | None, HttpClient] = {}
+        self._clients: dict[tuple[str | None, bool], HttpClient] = {}
 
     def for_tenant(self, tenant: TenantConfig) -> HttpClient:
         """The client for a tenant; an unreadable ca_bundle is a config error."""
-        key = tenant.ca_bundle
+        key = (tenant.ca_bundle, tenant.ca_bundle is not None or _uses_https(tenant))
         if key not in self._clients:
             try:
                 self._clients[key] = build_http_client(
-                    allow_private_networks=self._allow_private, ca_bundle=key)
+                    allow_private_networks=self._allow_private, ca_bundle=key[0],
+                    for_https=key[1])
             except (OSError, ssl.SSLError) as exc:
                 raise errors.ConfigError(
-                    path=f"tenants[{tenant.id}].ca_bundle", problem=f"cannot load {key!r}: {exc}",
+                    path=f"tenants[{tenant.id}].ca_bundle",
+                    problem=f"cannot load {key[0]!r}: {exc}",
                     hint="give a readable PEM file of the CA certificates to trust",
                 ) from None
         return self._clients[key]
@@ -211,6 +222,13 @@ class HttpClients:
         for http in self._clients.values():
             await http.aclose()
         self._clients.clear()
+
+
+def _uses_https(tenant: TenantConfig) -> bool:
+    """Whether any callback or commit URL of the tenant is https:// (redirects are off, so
+    an http:// URL never leads to one)."""
+    urls = [u for c in tenant.callbacks.values() for u in (c.url, c.commit_url) if u]
+    return any(urlsplit(url).scheme != "http" for url in urls)
 
 
 class CallbackSource:

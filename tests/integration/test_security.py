@@ -15,8 +15,8 @@ import pytest
 import sqlalchemy as sa
 import trustme
 
-from puller import errors, schema
-from puller.config import PullerConfig
+from puller import client, errors, schema
+from puller.config import PullerConfig, TenantConfig
 from puller.domain import Scope
 from puller.store import Store
 from puller.tenant_server import Dataset, TenantServer, make_customer, make_order
@@ -95,6 +95,31 @@ def test_a_tenant_trusted_by_the_system_ca_store_is_trusted(
         timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert [(r["status"], r["accepted"]) for r in json.loads(done.stdout)] == [("succeeded", 15)]
+
+
+def test_only_a_tenant_with_an_https_url_loads_ca_certificates(
+    ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tenant whose every URL is http:// gets a client whose TLS context trusts nothing
+    (no CA certificates loaded: 16-40 ms of start-up saved) and still verifies; one with an
+    https:// URL, callback or commit_url, gets the system's certificates."""
+    system_store = tmp_path / "system-ca.pem"
+    ca.cert_pem.write_to_path(str(system_store))
+    monkeypatch.setenv("SSL_CERT_FILE", str(system_store))
+
+    def tenant(tid: str, url: str, commit_url: str | None = None) -> TenantConfig:
+        return PullerConfig.model_validate({"tenants": [{
+            "id": tid, "shop": f"{tid}.example.com",
+            "callbacks": {"customer": {"url": url, "commit_url": commit_url}}}]}).tenants[0]
+
+    clients = client.HttpClients(allow_private_networks=True)
+    plain = clients.for_tenant(tenant("a", "http://a.example.com/customers")).transport.tls
+    secure = clients.for_tenant(tenant("b", "https://b.example.com/customers")).transport.tls
+    acked = clients.for_tenant(tenant("c", "http://c.example.com/customers",
+                                      "https://c.example.com/ack")).transport.tls
+    assert plain.get_ca_certs() == [] and plain.verify_mode == ssl.CERT_REQUIRED
+    assert plain.check_hostname
+    assert len(secure.get_ca_certs()) == 1 and acked is secure
 
 
 async def test_an_unreadable_ca_bundle_is_a_config_error(tls_server: TenantServer,

@@ -417,45 +417,46 @@ class FileLeases:
 
 # ---------------------------------------------------------------- the schema
 SCHEMA = (
-    'CREATE TABLE customers (\n\ttenant_id VARCHAR(64) NOT NULL, \n\tcustomer_id VARCHAR(100)'
-    ' NOT NULL, \n\temail VARCHAR(255) NOT NULL, \n\tfirst_name VARCHAR(100) NOT NULL, \n\tla'
-    'st_name VARCHAR(300) NOT NULL, \n\tmobile VARCHAR(20) NOT NULL, \n\tlanguage VARCHAR(10)'
-    ' NOT NULL, \n\tconsent VARCHAR(3) NOT NULL, \n\tgender VARCHAR(6) NOT NULL, \n\textra JS'
-    'ON NOT NULL, \n\tlast_modified_date DATETIME NOT NULL, \n\tdeleted_at DATETIME, \n\trun_'
-    'id BIGINT NOT NULL, \n\tstored_at DATETIME NOT NULL, \n\tPRIMARY KEY (tenant_id, custome'
-    'r_id)\n)',
-    'CREATE INDEX ix_customers_deleted_at ON customers (deleted_at) WHERE deleted_at IS NOT N'
-    'ULL',
-    'CREATE TABLE orders (\n\ttenant_id VARCHAR(64) NOT NULL, \n\torder_id VARCHAR(100) NOT N'
-    'ULL, \n\tcustomer_id VARCHAR(100) NOT NULL, \n\tpayload JSON NOT NULL, \n\tlast_modified'
-    '_date DATETIME NOT NULL, \n\tdeleted_at DATETIME, \n\trun_id BIGINT NOT NULL, \n\tstored'
-    '_at DATETIME NOT NULL, \n\tPRIMARY KEY (tenant_id, order_id)\n)',
+    'CREATE TABLE customers (\n\ttenant_id VARCHAR(64) NOT NULL, \n\tcustomer_id '
+    'VARCHAR(100) NOT NULL, \n\temail VARCHAR(255) NOT NULL, \n\tfirst_name VARCHAR(100) '
+    'NOT NULL, \n\tlast_name VARCHAR(300) NOT NULL, \n\tmobile VARCHAR(20) NOT NULL, '
+    '\n\tlanguage VARCHAR(10) NOT NULL, \n\tconsent VARCHAR(3) NOT NULL, \n\tgender '
+    'VARCHAR(6) NOT NULL, \n\textra JSON NOT NULL, \n\tlast_modified_date DATETIME NOT '
+    'NULL, \n\tdeleted_at DATETIME, \n\trun_id BIGINT NOT NULL, \n\tstored_at DATETIME NOT '
+    'NULL, \n\tPRIMARY KEY (tenant_id, customer_id)\n)',
+    'CREATE INDEX ix_customers_deleted_at ON customers (deleted_at) WHERE deleted_at IS '
+    'NOT NULL',
+    'CREATE TABLE orders (\n\ttenant_id VARCHAR(64) NOT NULL, \n\torder_id VARCHAR(100) '
+    'NOT NULL, \n\tcustomer_id VARCHAR(100) NOT NULL, \n\tpayload JSON NOT NULL, '
+    '\n\tlast_modified_date DATETIME NOT NULL, \n\tdeleted_at DATETIME, \n\trun_id BIGINT '
+    'NOT NULL, \n\tstored_at DATETIME NOT NULL, \n\tPRIMARY KEY (tenant_id, order_id)\n)',
     'CREATE INDEX ix_orders_deleted_at ON orders (deleted_at) WHERE deleted_at IS NOT NULL',
-    'CREATE TABLE products (\n\ttenant_id VARCHAR(64) NOT NULL, \n\tproduct_id VARCHAR(100) N'
-    'OT NULL, \n\tpayload JSON NOT NULL, \n\tlast_modified_date DATETIME NOT NULL, \n\tdelete'
-    'd_at DATETIME, \n\trun_id BIGINT NOT NULL, \n\tstored_at DATETIME NOT NULL, \n\tPRIMARY '
-    'KEY (tenant_id, product_id)\n)',
-    'CREATE INDEX ix_products_deleted_at ON products (deleted_at) WHERE deleted_at IS NOT NUL'
-    'L',
-    'CREATE TABLE rejected_records (\n\tid INTEGER NOT NULL, \n\ttenant_id VARCHAR(64) NOT NU'
-    'LL, \n\tscope VARCHAR(16) NOT NULL, \n\trun_id BIGINT NOT NULL, \n\tpage VARCHAR(200) NO'
-    'T NULL, \n\tposition INTEGER NOT NULL, \n\trecord JSON NOT NULL, \n\treasons JSON NOT NU'
-    'LL, \n\trejected_at DATETIME NOT NULL, \n\tPRIMARY KEY (id)\n)',
-    'CREATE INDEX ix_rejected_tenant_scope_run ON rejected_records (tenant_id, scope, run_id)',
+    'CREATE TABLE products (\n\ttenant_id VARCHAR(64) NOT NULL, \n\tproduct_id '
+    'VARCHAR(100) NOT NULL, \n\tpayload JSON NOT NULL, \n\tlast_modified_date DATETIME NOT '
+    'NULL, \n\tdeleted_at DATETIME, \n\trun_id BIGINT NOT NULL, \n\tstored_at DATETIME NOT '
+    'NULL, \n\tPRIMARY KEY (tenant_id, product_id)\n)',
+    'CREATE INDEX ix_products_deleted_at ON products (deleted_at) WHERE deleted_at IS NOT '
+    'NULL',
+    'CREATE TABLE rejected_records (\n\tid INTEGER NOT NULL, \n\ttenant_id VARCHAR(64) NOT '
+    'NULL, \n\tscope VARCHAR(16) NOT NULL, \n\trun_id BIGINT NOT NULL, \n\tpage '
+    'VARCHAR(200) NOT NULL, \n\tposition INTEGER NOT NULL, \n\trecord JSON NOT NULL, '
+    '\n\treasons JSON NOT NULL, \n\trejected_at DATETIME NOT NULL, \n\tPRIMARY KEY (id)\n)',
+    'CREATE INDEX ix_rejected_tenant_scope_run ON rejected_records (tenant_id, scope, '
+    'run_id)',
     'CREATE INDEX ix_rejected_rejected_at ON rejected_records (rejected_at)',
-    'CREATE TABLE checkpoints (\n\ttenant_id VARCHAR(64) NOT NULL, \n\tscope VARCHAR(16) NOT '
-    'NULL, \n\tnext_number INTEGER NOT NULL, \n\tnext_page INTEGER, \n\tnext_cursor TEXT, \n'
-    '\trun_id BIGINT NOT NULL, \n\tupdated_at DATETIME NOT NULL, \n\tPRIMARY KEY (tenant_id, '
-    'scope)\n)',
-    'CREATE TABLE runs (\n\tid INTEGER NOT NULL, \n\ttenant_id VARCHAR(64) NOT NULL, \n\tscop'
-    'e VARCHAR(16) NOT NULL, \n\t"trigger" VARCHAR(16) NOT NULL, \n\tstatus VARCHAR(16) NOT N'
-    'ULL, \n\tstarted_at DATETIME NOT NULL, \n\tfinished_at DATETIME, \n\tpages INTEGER NOT N'
-    'ULL, \n\taccepted INTEGER NOT NULL, \n\trejected INTEGER NOT NULL, \n\tstale INTEGER NOT'
-    ' NULL, \n\tnormalised INTEGER NOT NULL, \n\tacks_failed INTEGER NOT NULL, \n\terror TEXT'
-    ', \n\tworker VARCHAR(100), \n\tPRIMARY KEY (id)\n)',
+    'CREATE TABLE checkpoints (\n\ttenant_id VARCHAR(64) NOT NULL, \n\tscope VARCHAR(16) '
+    'NOT NULL, \n\tnext_number INTEGER NOT NULL, \n\tnext_page INTEGER, \n\tnext_cursor '
+    'TEXT, \n\trun_id BIGINT NOT NULL, \n\tupdated_at DATETIME NOT NULL, \n\tPRIMARY KEY '
+    '(tenant_id, scope)\n)',
+    'CREATE TABLE runs (\n\tid INTEGER NOT NULL, \n\ttenant_id VARCHAR(64) NOT NULL, '
+    '\n\tscope VARCHAR(16) NOT NULL, \n\t"trigger" VARCHAR(16) NOT NULL, \n\tstatus '
+    'VARCHAR(16) NOT NULL, \n\tstarted_at DATETIME NOT NULL, \n\tfinished_at DATETIME, '
+    '\n\tpages INTEGER NOT NULL, \n\taccepted INTEGER NOT NULL, \n\trejected INTEGER NOT '
+    'NULL, \n\tstale INTEGER NOT NULL, \n\tnormalised INTEGER NOT NULL, \n\tacks_failed '
+    'INTEGER NOT NULL, \n\terror TEXT, \n\tworker VARCHAR(100), \n\tPRIMARY KEY (id)\n)',
     'CREATE INDEX ix_runs_tenant_scope_started ON runs (tenant_id, scope, started_at)',
-    'CREATE TABLE alembic_version (\n\tversion_num VARCHAR(32) NOT NULL, \n\tCONSTRAINT alemb'
-    'ic_version_pkc PRIMARY KEY (version_num)\n)',
+    'CREATE TABLE alembic_version (\n\tversion_num VARCHAR(32) NOT NULL, \n\tCONSTRAINT '
+    'alembic_version_pkc PRIMARY KEY (version_num)\n)',
 )
 """A fresh store's schema at SCHEMA_HEAD, as migration.create_head builds it from
 schema.py on SQLite (the text SQLAlchemy emits; a test checks that both build the same

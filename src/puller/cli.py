@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
-from puller import __version__, errors, fanout, logs, pipeline, sqlite_store
+from puller import __version__, errors, fanout, logs, pg_store, pipeline, sqlite_store
 from puller.config import PullerConfig, dialect_of, load_config
 from puller.domain import Ack, PageOutcome, PageRequest, RunResult, Scope
 from puller.protocol import json_text
@@ -291,12 +291,16 @@ class PullStore(pipeline.PageSink, Protocol):
 
 
 def _open_pull_store(url: str) -> PullStore:
-    """The store a pull writes to: a SQLite file without SQLAlchemy (sqlite_store.py: its
-    import was ~0.19 s of the pull's start-up), any other store through SQLAlchemy."""
+    """The store a pull writes to, without SQLAlchemy (its import was ~0.19 s of the pull's
+    start-up): a SQLite file (sqlite_store.py) or a PostgreSQL database (pg_store.py) named
+    by a URL without query options; any other through SQLAlchemy (store.Store)."""
     path = sqlite_store.database_path(url)
-    if path is None:
-        return _open_store(url)
-    return sqlite_store.SqliteStore.open(path)
+    if path is not None:
+        return sqlite_store.SqliteStore.open(path)
+    info = pg_store.conninfo(url)
+    if info is not None:
+        return pg_store.PgStore.open(info)
+    return _open_store(url)
 
 
 def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,

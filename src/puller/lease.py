@@ -8,7 +8,6 @@ worker never blocks anyone.
 from __future__ import annotations
 
 import contextlib
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,11 +16,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from puller import dberror, errors
 from puller.domain import Scope
+from puller.pg_store import LEASE_CLASS, lease_key
 from puller.sqlite_store import FileLeases, worker_id
 
 __all__ = ["LEASE_CLASS", "Leases", "worker_id"]
-
-LEASE_CLASS = 0x70756C6C  # "pull": the first key of puller's PostgreSQL advisory locks
 
 
 class Leases:
@@ -37,7 +35,7 @@ class Leases:
     def hold(self, tenant: str, scope: Scope) -> Iterator[bool]:
         """Hold the (tenant, scope) lease for a run, if free; yields whether it is held."""
         if self._dialect == "postgresql":
-            with self._pg_lease(_lease_key(tenant, scope), (tenant, scope.value)) as held:
+            with self._pg_lease(lease_key(tenant, scope), (tenant, scope.value)) as held:
                 yield held
             return
         with self._files.hold(tenant, scope) as held:
@@ -73,8 +71,3 @@ class Leases:
         self._files.claim_single_worker()
 
 
-def _lease_key(tenant: str, scope: Scope) -> int:
-    # pg advisory locks take two int4 keys; crc32 folded to a signed int. A collision only
-    # makes two (tenant, scope) pairs take turns, never run at once.
-    value = zlib.crc32(f"{tenant}\x00{scope.value}".encode())
-    return value - 2**32 if value >= 2**31 else value

@@ -23,7 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from puller import errors, forms, migration, schema, sqlite_store, upsert
+from puller import errors, forms, migration, pg_store, schema, sqlite_store, upsert
 from puller.domain import (
     Accepted,
     Checkpoint,
@@ -374,15 +374,8 @@ def _pg_page_on(leased: Connection, sql: str, params: dict[str, Any]) -> int:
     context around it was ~30-70 µs a page, and the page statement is on a pull's critical
     path (5% of a pull with --fetch-process at page size 50, 6 interleaved rounds). A lost
     connection still fails the write; SQLAlchemy finds it dead when the lease is released."""
-    import psycopg  # noqa: PLC0415 - loaded with the dialect already; SQLite never needs it
-
-    driver: psycopg.Connection[Any] = leased.connection.driver_connection  # type: ignore[assignment]
-    try:
-        row = driver.execute(sql, params).fetchone()
-    except psycopg.Error as exc:
-        raise store_error(exc) from exc
-    assert row is not None  # the statement always returns its one count row
-    return int(row[0])
+    driver: Any = leased.connection.driver_connection
+    return pg_store.execute_page(driver, sql, params)
 
 
 def _sqlite_begin(conn: Connection) -> None:

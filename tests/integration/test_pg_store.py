@@ -1,0 +1,137 @@
+"""pg_store: what `puller pull` writes a PostgreSQL store with, without SQLAlchemy."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from psycopg.conninfo import conninfo_to_dict
+from sqlalchemy.engine import make_url
+
+from puller import errors, migration, pg_store, schema
+from puller.domain import Checkpoint, Scope
+from puller.pg_store import PgStore
+from puller.store import Store, create_store_engine
+from tests.integration.test_schema_and_leases import _schema_of
+
+POSTGRES = pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
+NOW = datetime(2026, 11, 26, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+    "postgresql://puller:s%40cr%2Ft@db.example.com:6543/pull%20er",
+    "postgresql+psycopg://puller@db.example.com/puller",
+])
+def test_a_store_url_names_what_sqlalchemy_connects_to(url: str) -> None:
+    info = pg_store.conninfo(url)
+    assert info is not None
+    got, want = conninfo_to_dict(info), make_url(url)
+    assert (got.get("user"), got.get("password"), got.get("host"), got.get("dbname")) == (
+        want.username, want.password, want.host, want.database)
+    assert int(got.get("port") or 5432) == (want.port or 5432)
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://postgres@127.0.0.1/test?sslmode=require",
+    "postgresql+psycopg2://postgres@127.0.0.1/test", "sqlite:///p.db",
+])
+def test_any_other_store_url_is_left_to_sqlalchemy(url: str) -> None:
+    assert pg_store.conninfo(url) is None
+
+
+def _info(url: str) -> str:
+    info = pg_store.conninfo(url)
+    assert info is not None
+    return info
+
+
+@POSTGRES
+def test_a_fresh_database_gets_the_schema_that_schema_py_builds(
+    store_url: str, second_store_url: str,
+) -> None:
+    """PgStore creates a fresh database's schema from pg_store.SCHEMA; Store from schema.py
+    (migration.create_head): the same tables, columns, keys, indexes and revision. If this
+    fails after a schema change, make the same change there."""
+    PgStore.open(_info(store_url)).close()
+    Store.open(second_store_url).close()
+    assert _schema_of(store_url) == _schema_of(second_store_url)
+    engine = create_store_engine(store_url)
+    try:
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), schema.metadata) == []
+    finally:
+        engine.dispose()
+
+
+@POSTGRES
+def test_a_database_of_another_revision_is_refused_with_what_to_do(store_url: str) -> None:
+    engine = create_store_engine(store_url)
+    with engine.begin() as conn:
+        migration.upgrade(conn, "0001")
+    engine.dispose()
+    with pytest.raises(errors.SchemaError, match="puller db upgrade"):
+        PgStore.open(_info(store_url))
+
+
+@POSTGRES
+def test_pulls_opening_a_fresh_database_at_once_all_open(store_url: str) -> None:
+    start = threading.Barrier(4)
+
+    def open_one(_: int) -> str:
+        start.wait(10)
+        PgStore.open(_info(store_url)).close()
+        return "ok"
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(open_one, range(4))) == ["ok"] * 4
+
+
+@POSTGRES
+def test_it_writes_what_store_reads_and_shares_its_leases(store_url: str) -> None:
+    """A run through PgStore, read back through Store (SQLAlchemy): counters, times, the
+    checkpoint, a failed acknowledgement, the last completed start; while PgStore holds a
+    run's lease, Store cannot take it."""
+    raw = PgStore.open(_info(store_url))
+    store = Store.open(store_url)
+    try:
+        assert raw.load_checkpoint("t1", Scope.PRODUCT) == Checkpoint()
+        with raw.lease("t1", Scope.PRODUCT) as held:
+            assert held
+            with store.lease("t1", Scope.PRODUCT) as also:
+                assert not also
+            run_id = raw.start_run("t1", Scope.PRODUCT, trigger="manual", now=NOW)
+            outcome = raw.apply_page(
+                run_id=run_id, tenant="t1", scope=Scope.PRODUCT, page="1", accepted=[],
+                rejections=[], checkpoint=Checkpoint(next_number=2, next_page=2),
+                normalised=1, now=NOW)
+            raw.count_failed_ack(run_id)
+            stats = raw.finish_run(run_id, status="succeeded", now=NOW + timedelta(seconds=1),
+                                   error="a\x00b")
+        with store.lease("t1", Scope.PRODUCT) as free_again:
+            assert free_again
+        assert (outcome.applied, stats.pages, stats.normalised, stats.acks_failed) == (0, 1, 1, 1)
+        assert raw.load_checkpoint("t1", Scope.PRODUCT) == Checkpoint(2, 2, None)
+        assert raw.last_completed_start("t1", Scope.PRODUCT) == NOW
+        assert store.last_completed_start("t1", Scope.PRODUCT) == NOW
+        (run,) = store.list_runs(tenant="t1")
+        assert (run["status"], run["started_at"], run["finished_at"], run["error"]) == (
+            "succeeded", NOW, NOW + timedelta(seconds=1), "a\ufffdb")
+        second = raw.start_run("t1", Scope.PRODUCT, trigger="manual", now=NOW)
+        third = raw.start_run("t1", Scope.PRODUCT, trigger="manual", now=NOW)
+        statuses = {r["id"]: r["status"] for r in store.list_runs(tenant="t1")}
+        assert (statuses[second], statuses[third]) == ("abandoned", "running")
+    finally:
+        store.close()
+        raw.close()
+
+
+def test_an_unreachable_database_is_a_store_error_with_what_to_do() -> None:
+    with pytest.raises(errors.StoreError, match="reachable"):
+        PgStore.open("postgresql://postgres@127.0.0.1:1/none?connect_timeout=2")
+
+

@@ -1,8 +1,9 @@
 """A page's records in the form each store's page write takes (issue #5): SQLite's rows of
 plain values, PostgreSQL's one JSON document. Plain Python, no SQLAlchemy: the fetch
 process (fetcher) builds these forms, and it is forked before the main process imports
-SQLAlchemy (~0.3 s of imports it would otherwise repeat or wait for). upsert.py holds the
-statements that take them, and checks at import that LAYOUTS matches schema.py's tables.
+SQLAlchemy (~0.3 s of imports it would otherwise repeat or wait for). sqlite_store.py and
+pg_store.py hold the statements that take them; upsert.py checks at import that LAYOUTS
+matches schema.py's tables.
 """
 
 from __future__ import annotations
@@ -65,6 +66,23 @@ def prepare(records: Sequence[Accepted], scope: Scope, dialect: str) -> StoreRow
                     else pg_document(survivors, scope))
     return StoreRows(dialect=dialect, payload=payload, survivors=len(survivors),
                      duplicates=duplicates)
+
+
+def page_rows(accepted: Sequence[Accepted], rows: StoreRows | None, scope: Scope,
+              dialect: str) -> StoreRows:
+    """A page's records as a store of `dialect` writes them: `rows` when the fetch process
+    made them so already, else `accepted` prepared."""
+    if rows is None:
+        return prepare(accepted, scope, dialect)
+    if rows.dialect != dialect:  # pragma: no cover - a defect, not input
+        raise AssertionError(f"rows for {rows.dialect} given to a {dialect} store")
+    return rows
+
+
+def stored_error(error: str | None) -> str | None:
+    """A run's error as stored: a NUL character (a tenant's own message can hold one) as
+    U+FFFD, since PostgreSQL's text cannot hold it and the run would stay open."""
+    return None if error is None else error.replace("\x00", "\ufffd")
 
 
 def customer_rows(valid: rules.ValidCustomers, dialect: str) -> StoreRows | None:
@@ -142,7 +160,7 @@ def _pg_customers(valid: rules.ValidCustomers, ids: list[str]) -> str:
 
 
 def pg_document(records: Sequence[Accepted], scope: Scope) -> str:
-    """The records as the one JSON document of pg_page_statement, each an object keyed by
+    """The records as the one JSON document of pg_store.page_statement, each an object keyed by
     PG_KEYS. orjson writes the aware datetimes as RFC 3339 text itself (2.5 ms a page of
     500 customers with isoformat() in Python, 1.0 ms so); every Accepted time is UTC
     (records.utc, records._timestamp)."""
@@ -157,7 +175,7 @@ def pg_document(records: Sequence[Accepted], scope: Scope) -> str:
 
 
 def sqlite_rows(records: Sequence[Accepted], scope: Scope) -> list[str]:
-    """The records' values for SQLite's page statement (upsert.sqlite_upsert), row after
+    """The records' values for SQLite's page statement (sqlite_store.upsert), row after
     row in one list: the table's columns in order without tenant_id, run_id and stored_at,
     which the statement takes once a page; JSON columns as text, times as SQLITE_TIME
     text, NO_TIME for no deleted_at."""

@@ -10,6 +10,7 @@ other command, and builds its page statement here too.
 
 from __future__ import annotations
 
+import functools
 import threading
 import zlib
 from collections.abc import Iterator, Sequence
@@ -142,16 +143,25 @@ def page_params(document: str, rejections: Sequence[Rejection],
     return params
 
 
-def execute_page(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any]) -> int:
-    """The page statement on a psycopg connection in autocommit: the page's transaction."""
+def write_page(
+    conn: psycopg.Connection[Any], *, rows: StoreRows, rejections: Sequence[Rejection],
+    checkpoint: Checkpoint, scope: Scope, tenant: str, run_id: int, page: str,
+    normalised: int, now: datetime,
+) -> PageOutcome:
+    """The page statement on a psycopg connection: in autocommit, the page's transaction."""
     import psycopg  # noqa: PLC0415 - the caller has it loaded already
 
+    offered = rows.survivors + rows.duplicates  # every accepted record not applied is stale
+    params = page_params(rows.payload, rejections, checkpoint, scope, tenant=tenant,
+                         run_id=run_id, page=page, offered=offered, normalised=normalised,
+                         now=now)
     try:
-        row = conn.execute(sql, params).fetchone()
+        row = conn.execute(page_statement(scope, rejects=bool(rejections)), params).fetchone()
     except psycopg.Error as exc:
         raise store_error(exc) from exc
     assert row is not None  # the statement always returns its one count row
-    return int(row[0])
+    applied = int(row[0])
+    return PageOutcome(applied=applied, stale=offered - applied, rejected=len(rejections))
 
 
 # ---------------------------------------------------------------- the schema
@@ -349,22 +359,15 @@ class PgStore:
         accepted: Sequence[Accepted], rejections: Sequence[Rejection], checkpoint: Checkpoint,
         normalised: int, now: datetime, rows: StoreRows | None = None,
     ) -> PageOutcome:
-        if rows is None:
-            rows = forms.prepare(accepted, scope, "postgresql")
-        elif rows.dialect != "postgresql":  # pragma: no cover - a defect, not input
-            raise AssertionError(f"rows for {rows.dialect} given to a postgresql store")
-        offered = rows.survivors + rows.duplicates  # every accepted record not applied is stale
-        sql = page_statement(scope, rejects=bool(rejections))
-        params = page_params(rows.payload, rejections, checkpoint, scope, tenant=tenant,
-                             run_id=run_id, page=page, offered=offered,
-                             normalised=normalised, now=now)
+        write = functools.partial(
+            write_page, rows=forms.page_rows(accepted, rows, scope, "postgresql"),
+            rejections=rejections, checkpoint=checkpoint, scope=scope, tenant=tenant,
+            run_id=run_id, page=page, normalised=normalised, now=now)
         leased = self._held.get((tenant, scope.value))
-        if leased is None:  # a caller without the lease (tests, tools)
-            with self._books_lock:
-                applied = execute_page(self._books, sql, params)
-        else:
-            applied = execute_page(leased, sql, params)
-        return PageOutcome(applied=applied, stale=offered - applied, rejected=len(rejections))
+        if leased is not None:
+            return write(leased)
+        with self._books_lock:  # a caller without the lease (tests, tools)
+            return write(self._books)
 
     def count_failed_ack(self, run_id: int) -> None:
         with self._books_tx() as db:
@@ -372,8 +375,7 @@ class PgStore:
 
     def finish_run(self, run_id: int, *, status: RunStatus, now: datetime,
                    error: str | None = None) -> RunStats:
-        if error is not None:  # as store.Store.finish_run
-            error = error.replace("\x00", "\ufffd")
+        error = forms.stored_error(error)
         # On the shared connection: a run that failed because its lease's connection was
         # lost is still recorded as failed, with its error.
         with self._books_tx() as db:

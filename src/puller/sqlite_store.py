@@ -319,10 +319,7 @@ class SqliteWriter:
     ) -> PageOutcome:
         """The page on the driver connection in one BEGIN … COMMIT: the records' upsert
         (a few statements, `upsert`), the rejections, the counters and the checkpoint."""
-        if rows is None:
-            rows = forms.prepare(accepted, scope, "sqlite")
-        elif rows.dialect != "sqlite":  # pragma: no cover - a defect, not input
-            raise AssertionError(f"rows for {rows.dialect} given to a sqlite store")
+        rows = forms.page_rows(accepted, rows, scope, "sqlite")
         records = rows.payload  # tenant, run and time are the statement's parameters
         if len(records) != rows.survivors * sqlite_width(scope):
             # A defect, not input: a NUL in a value, where none can be (StoreRows.__reduce__)
@@ -350,7 +347,8 @@ class SqliteWriter:
     def finish_run(self, run_id: int, *, status: RunStatus, now: datetime,
                    error: str | None = None) -> RunStats:
         with self.transaction() as db:
-            db.execute(FINISH_RUN, (status, sqlite_time(now), error, run_id))
+            db.execute(FINISH_RUN, (status, sqlite_time(now), forms.stored_error(error),
+                                    run_id))
             found = db.execute(RUN_STATS, (run_id,)).fetchone()
         if found is None:
             raise errors.StoreError(f"run {run_id} is no longer in the store: it was "
@@ -547,8 +545,6 @@ class SqliteStore:
 
     def finish_run(self, run_id: int, *, status: RunStatus, now: datetime,
                    error: str | None = None) -> RunStats:
-        if error is not None:  # as store.Store.finish_run
-            error = error.replace("\x00", "\ufffd")
         return self._writer.finish_run(run_id, status=status, now=now, error=error)
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,15 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from puller import errors, forms, migration, pg_store, schema, sqlite_store, upsert
+from puller import (
+    errors,
+    forms,
+    migration,
+    pg_store,
+    schema,
+    sqlite_store,
+    upsert,  # noqa: F401 - checks forms.LAYOUTS against schema.py at import
+)
 from puller.domain import (
     Accepted,
     Checkpoint,
@@ -35,13 +44,13 @@ from puller.domain import (
     StoreRows,
 )
 from puller.lease import LEASE_CLASS, Leases, worker_id
+from puller.pg_store import SCHEMA_LOCK
 from puller.protocol import json_text
 from puller.sqlite_store import SQLITE_BUSY_TIMEOUT_MS, SqliteWriter, store_error
 
 __all__ = ["SQLITE_BUSY_TIMEOUT_MS", "ScopeStatus", "Store", "create_store_engine"]
 PG_POOL_SIZE = 10
 PG_MAX_OVERFLOW = 40
-SCHEMA_LOCK = 1  # second key of the advisory lock that serialises schema upgrades
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,25 +251,22 @@ class Store:
                 run_id=run_id, tenant=tenant, scope=scope, page=page, accepted=accepted,
                 rejections=rejections, checkpoint=checkpoint, normalised=normalised, now=now,
                 rows=rows)
-        if rows is None:
-            rows = forms.prepare(accepted, scope, self._dialect)
-        elif rows.dialect != self._dialect:  # pragma: no cover - a defect, not input
-            raise AssertionError(f"rows for {rows.dialect} given to a {self._dialect} store")
-        offered = rows.survivors + rows.duplicates  # every accepted record not applied is stale
-        sql = upsert.pg_page_statement(scope, rejects=bool(rejections))
-        params = upsert.pg_page_params(
-            rows.payload, rejections, checkpoint, scope, tenant=tenant, run_id=run_id,
-            page=page, offered=offered, normalised=normalised, now=now)
-        # On the run's lease connection (autocommit: the one statement is the page's
-        # transaction) when there is one: a lease lost with its connection fails the
-        # write itself, so no page is written without the lease, at no extra round trip.
+        write = functools.partial(
+            pg_store.write_page, rows=forms.page_rows(accepted, rows, scope, self._dialect),
+            rejections=rejections, checkpoint=checkpoint, scope=scope, tenant=tenant,
+            run_id=run_id, page=page, normalised=normalised, now=now)
+        # On the run's lease connection's psycopg connection itself (autocommit: the one
+        # statement is the page's transaction) when there is one: a lease lost with its
+        # connection fails the write itself, so no page is written without the lease, at no
+        # extra round trip; SQLAlchemy's execution context around it was ~30-70 µs a page
+        # (5% of a pull with --fetch-process at page size 50, 6 interleaved rounds).
         leased = self._leases.connection(tenant, scope)
         if leased is None:  # a caller without the lease (tests, tools)
             with self._begin() as conn:
-                applied = int(conn.exec_driver_sql(sql, params).scalar_one())
-        else:
-            applied = _pg_page_on(leased, sql, params)
-        return PageOutcome(applied=applied, stale=offered - applied, rejected=len(rejections))
+                driver: Any = conn.connection.driver_connection
+                return write(driver)
+        leased_driver: Any = leased.connection.driver_connection
+        return write(leased_driver)
 
     def count_failed_ack(self, run_id: int) -> None:
         if self._sqlite is not None:
@@ -277,10 +283,9 @@ class Store:
         """Close a run and return its counters as stored. A NUL character in `error` (a
         tenant's own message can hold one) is stored as U+FFFD: PostgreSQL's text cannot
         hold it, and the run would stay open."""
-        if error is not None:
-            error = error.replace("\x00", "\ufffd")
         if self._sqlite is not None:
             return self._sqlite.finish_run(run_id, status=status, now=now, error=error)
+        error = forms.stored_error(error)
         with self._begin() as conn:
             conn.execute(update(schema.runs).where(schema.runs.c.id == run_id)
                          .values(status=status, finished_at=now, error=error))
@@ -367,15 +372,6 @@ class Store:
             return int(conn.execute(
                 select(func.count()).select_from(table).where(table.c.tenant_id == tenant)
             ).scalar_one())
-
-
-def _pg_page_on(leased: Connection, sql: str, params: dict[str, Any]) -> int:
-    """The page statement on the lease's psycopg connection itself: SQLAlchemy's execution
-    context around it was ~30-70 µs a page, and the page statement is on a pull's critical
-    path (5% of a pull with --fetch-process at page size 50, 6 interleaved rounds). A lost
-    connection still fails the write; SQLAlchemy finds it dead when the lease is released."""
-    driver: Any = leased.connection.driver_connection
-    return pg_store.execute_page(driver, sql, params)
 
 
 def _sqlite_begin(conn: Connection) -> None:

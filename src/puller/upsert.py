@@ -1,41 +1,20 @@
-"""A page's writes, newest wins in SQL, built for each dialect's fastest path (issue #5).
+"""The page writes' layouts checked against schema.py at import (issue #5).
 
-SQLAlchemy's per-row parameter processing cost ~20 µs a record, and its statement
-machinery ~60 µs per bookkeeping statement. PostgreSQL gets the whole page (records,
-rejections, run counters, checkpoint) as one statement of data-modifying CTEs with the
-records as one JSON parameter (`jsonb_to_recordset`): one round trip, one transaction.
-SQLite gets the rows' values as multi-row VALUES, a few statements a page, with the
-tenant, the run and the time bound once a statement (sqlite_store.upsert; `executemany`,
-one execution a row, cost SQLite 20% more CPU; `json_each` re-parsed each row per column
-and was slower still) and three more statements on the driver connection, inside one
-BEGIN … COMMIT (sqlite_store.py, which imports no SQLAlchemy). The records' rows and
-document are built in forms.py, which imports no SQLAlchemy either (the fetch process
-builds them).
+A page's writes, newest wins in SQL, are built for each database's fastest path without
+SQLAlchemy: sqlite_store.py (multi-row VALUES, the tenant, the run and the time bound once
+a statement, and three more statements inside one BEGIN … COMMIT) and pg_store.py (the
+whole page as one statement of data-modifying CTEs, the records as one JSON parameter).
+They take their columns from forms.LAYOUTS, and their tables and time columns from
+sqlite_store.TABLES and pg_store.TIMES; store.py imports this module, so a schema.py edit
+those do not follow fails at import rather than storing columns in each other's places.
 """
 
 from __future__ import annotations
 
-from functools import cache
-
 from sqlalchemy import JSON
 
 from puller import pg_store, schema, sqlite_store
-from puller.domain import Scope
 from puller.forms import LAYOUTS, record_columns
-
-
-@cache
-def statement(scope: Scope, dialect: str, rows: int = 1) -> str:
-    """The page upsert: ON CONFLICT DO UPDATE … WHERE newer (merge.is_newer in SQL), full
-    replacement. PostgreSQL: INSERT … SELECT FROM the page document RETURNING the id
-    (pg_store.record_statement). SQLite: sqlite_store.statement, for `rows` rows."""
-    if dialect == "sqlite":
-        return sqlite_store.statement(scope, rows)
-    return pg_store.record_statement(scope)
-
-
-pg_page_statement = pg_store.page_statement
-pg_page_params = pg_store.page_params
 
 
 def check_layouts() -> None:

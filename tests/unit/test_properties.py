@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
-from puller import errors, forms, protocol, sqlite_store, upsert
+from puller import errors, forms, pg_store, protocol, sqlite_store
 from puller import records as rules
 from puller.config import PullerConfig, load_config
 from puller.domain import Checkpoint, Scope, Where
@@ -59,7 +59,7 @@ def test_validation_never_raises_and_accounts_for_every_record(
         rows = forms.prepare(page.accepted, scope, dialect)
         assert pickle.loads(pickle.dumps(rows)) == rows  # noqa: S301 - as the fetch process sends them
     sqlite_store.rejection_rows(page.rejections, scope, tenant="t", run_id=1, page="1", now=now)
-    upsert.pg_page_params("[]", page.rejections, Checkpoint(), scope, tenant="t", run_id=1,
+    pg_store.page_params("[]", page.rejections, Checkpoint(), scope, tenant="t", run_id=1,
                           page="1", offered=len(raws), normalised=0, now=now)
 
 

@@ -21,8 +21,9 @@ rows of plain values pickle and unpickle in 0.1 ms each for a page of 500 custom
 record objects took 0.7 and 0.3 ms, and building the rows 0.7 ms moves off the main process,
 which is the busier of the two; a clean customer page is built into that form straight from
 validation, _Out.validate). A reader thread hands each page to its sweep: without a
-commit_url straight to the thread that applies it (pipeline.ThreadFeed), else to the event
-loop. Acknowledgements (`commit_url`) stay with the main process: they follow the page's
+commit_url to the applier thread, which applies every such sweep's pages in the order they
+arrive (pipeline.PushFeed: one thread for all of them, not a thread a sweep), else to the
+event loop. Acknowledgements (`commit_url`) stay with the main process: they follow the page's
 commit. Without a commit_url (or a tenant's ca_bundle to check) the main process makes no
 request and imports no HTTP client: the fetch process imports it after the fork.
 
@@ -40,6 +41,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import gc
 import os
 import pickle
@@ -77,6 +79,11 @@ class FetchProcess:
         self._feeds: dict[int, _RemoteFeed] = {}
         self._keys = 0
         self._reader: threading.Thread | None = None
+        # Every pushed sweep's items, in the order they came, for the applier thread; None
+        # ends it.
+        self._pushed: queue.SimpleQueue[tuple[_RemoteFeed, tuple[str, Any]] | None] = (
+            queue.SimpleQueue())
+        self._applier: threading.Thread | None = None
         self._ended: str | None = None
         self._ending = threading.Lock()  # the reader, the loop and a store thread may all end it
         self._status: int | None = None  # its wait status, once reaped
@@ -104,20 +111,26 @@ class FetchProcess:
         return cls(pid, control_write, pages_read)
 
     def feed(self, job: pipeline.Job, start: Checkpoint, run_id: int) -> pipeline.PageFeed:
-        """Ask the fetch process for a sweep of `job` from `start`."""
+        """A sweep of `job` from `start`, asked of the fetch process at once, or, for a
+        sweep applied as its pages come (pipeline.applied_in_thread), when it is pushed to
+        (`push_to`): its pages go to the applier thread, which applies every such sweep's
+        pages in the order they arrive; any other sweep's go through the event loop."""
         if self._reader is None:
             self._reader = threading.Thread(target=self._read, name="puller-fetch-reader",
                                             daemon=True)
             self._reader.start()
+            self._applier = threading.Thread(target=self._apply, name="puller-applier",
+                                             daemon=True)
+            self._applier.start()
         self._keys += 1
-        # A sweep whose pages the store thread takes (pipeline.applied_in_thread) gets them
-        # straight from the reader thread; any other through the event loop.
         loop = None if pipeline.applied_in_thread(job) else asyncio.get_running_loop()
-        feed = self._feeds[self._keys] = _RemoteFeed(self, self._keys, loop)
+        feed = self._feeds[self._keys] = _RemoteFeed(
+            self, self._keys, loop, ("start", self._keys, job.tenant.id, job.scope.value,
+                                     start, run_id))
         if self._ended is not None:  # a sweep asked for after the fetch process died
             feed.deliver(("error", self._ended))
-        else:
-            self.tell(("start", self._keys, job.tenant.id, job.scope.value, start, run_id))
+        elif loop is not None:
+            feed.begin()
         return feed
 
     def tell(self, message: tuple[Any, ...]) -> None:
@@ -147,6 +160,9 @@ class FetchProcess:
         self.stop()
         if self._reader is not None:
             self._reader.join(_STOP_WAIT_S)
+        if self._applier is not None:
+            self._pushed.put(None)
+            self._applier.join(_STOP_WAIT_S)
         if self._reap(_STOP_WAIT_S) is None:
             os.kill(self._pid, signal.SIGKILL)
             os.waitpid(self._pid, 0)
@@ -167,6 +183,19 @@ class FetchProcess:
                 feed.deliver((kind, payload))
         self._end(self._gone())
 
+    def push(self, feed: _RemoteFeed, item: tuple[str, Any]) -> None:
+        """Hand an item of a pushed sweep to the applier thread; from any thread."""
+        self._pushed.put((feed, item))
+
+    def _apply(self) -> None:
+        """The applier thread: each pushed sweep's items, in the order they came."""
+        while (entry := self._pushed.get()) is not None:
+            feed, item = entry
+            try:
+                feed.step(item)
+            except Exception:  # pragma: no cover - a defect: the step hands on its own errors
+                logs.get_logger().exception("applier_crashed")
+
     def _gone(self) -> str:
         status = self._reap(0.5)
         how = "" if status is None else f" with exit code {os.waitstatus_to_exitcode(status)}"
@@ -185,45 +214,63 @@ class FetchProcess:
 
 
 class _RemoteFeed:
-    """A sweep's pages from the fetch process: taken by the store thread (`take`), or,
-    when `loop` is given, awaited on that event loop (`next`)."""
+    """A sweep's pages from the fetch process: pushed to the sweep on the applier thread
+    (`push_to`), or, when `loop` is given, awaited on that event loop (`next`)."""
 
     def __init__(self, owner: FetchProcess, key: int,
-                 loop: asyncio.AbstractEventLoop | None) -> None:
+                 loop: asyncio.AbstractEventLoop | None, start: tuple[Any, ...]) -> None:
         self._owner = owner
         self._key = key
         self._loop = loop
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._start = start
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._step: pipeline.Step | None = None
+        self._early: list[tuple[str, Any]] = []  # pushed before push_to: an error at most
+        self._lock = threading.Lock()
+
+    def begin(self) -> None:
+        """Ask the fetch process for the sweep."""
+        self._owner.tell(self._start)
 
     def deliver(self, item: tuple[str, Any]) -> None:
         """A page, the end or an error for this sweep; from any thread."""
         if self._loop is None:
-            self._inbox.put(item)
+            with self._lock:
+                if self._step is None:
+                    self._early.append(item)
+                    return
+            self._owner.push(self, item)
             return
         with contextlib.suppress(RuntimeError):  # the loop is closed: the pull is over
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
-    def take(self) -> pipeline.Fetched | None:
-        return _unpack(self._inbox.get())
+    def push_to(self, step: pipeline.Step) -> None:
+        with self._lock:
+            self._step = step
+            early, self._early = self._early, []
+        for item in early:
+            self._owner.push(self, item)
+        if not early:
+            self.begin()
 
-    def wake(self) -> None:
-        self._inbox.put(("end", None))
+    def step(self, item: tuple[str, Any]) -> None:
+        """On the applier thread: hand the item to the sweep."""
+        assert self._step is not None  # only pushed once push_to was called
+        self._step(functools.partial(_unpack, item))
 
     async def next(self) -> pipeline.Fetched | None:
-        if self._loop is None:  # not what pipeline does with such a sweep, but correct
-            return await asyncio.to_thread(self.take)
+        if self._loop is None:  # pragma: no cover - a defect: such a sweep is pushed to
+            raise AssertionError("next() on a sweep that is pushed to")
         return _unpack(await self._queue.get())
 
     def applied(self) -> None:
         self._owner.tell(("credit", self._key))
 
     def ready(self) -> bool:
-        return not (self._inbox if self._loop is None else self._queue).empty()
+        return self._loop is not None and not self._queue.empty()
 
     async def aclose(self) -> None:
         self._owner.forget(self._key)
-        self.wake()
 
 
 def _unpack(item: tuple[str, Any]) -> pipeline.Fetched | None:

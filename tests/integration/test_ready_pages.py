@@ -1,5 +1,5 @@
 """Pages fetched ahead are applied together in one thread call (pipeline._apply_ready), or
-by a thread that takes them from the feed itself (pipeline._apply_in_thread, the fetch
+on the feed's own thread as the feed pushes them (pipeline._apply_pushed, the fetch
 process's feed), with the same semantics as one page at a time: one transaction per page,
 in order, the checkpoint with the page, a failure raised only after the pages before it,
 the hooks and credits per page, and a stop honoured after the page in hand. A feed that
@@ -8,6 +8,7 @@ has every page ready at once makes the batches deterministic; the store is real.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable
 from datetime import datetime
@@ -68,21 +69,26 @@ class ReadyFeed:
         return None
 
 
-class ReadyThreadFeed(ReadyFeed):
-    """The same pages, taken by the store thread (pipeline.ThreadFeed)."""
+class ReadyPushFeed(ReadyFeed):
+    """The same pages, pushed to the sweep on a thread of the feed's (pipeline.PushFeed),
+    as the fetch process's applier thread does."""
 
-    def take(self) -> pipeline.Fetched | None:
-        item = self.items.pop(0)
+    def push_to(self, step: pipeline.Step) -> None:
+        def push() -> None:
+            for item in list(self.items):
+                step(functools.partial(self._take, item))
+
+        threading.Thread(target=push, daemon=True).start()
+
+    @staticmethod
+    def _take(item: pipeline.Fetched | Exception | None) -> pipeline.Fetched | None:
         if isinstance(item, Exception):
             raise item
         return item
 
-    def wake(self) -> None:
-        self.items.insert(0, None)
 
-
-FEEDS = pytest.mark.parametrize("feed_kind", [ReadyFeed, ReadyThreadFeed],
-                                ids=["batches", "thread"])
+FEEDS = pytest.mark.parametrize("feed_kind", [ReadyFeed, ReadyPushFeed],
+                                ids=["batches", "pushed"])
 
 
 class NoRequests:
@@ -223,11 +229,11 @@ class HeldOn(FailingOn):
 async def test_a_cancelled_sweep_waits_for_the_page_in_hand_before_recording_the_run(
     tenant_id: str, store: Store, store_url: str,
 ) -> None:
-    """SIGTERM cancels the pull while the apply thread is storing a page: the sweep waits
+    """SIGTERM cancels the pull while the feed's thread is storing a page: the sweep waits
     for that page's transaction, then records the run as interrupted, with that page
-    counted and no page after it applied; no apply thread outlives its sweep."""
+    counted and no page after it applied, though the feed goes on pushing them."""
     held = HeldOn(store, 2)
-    task = asyncio.create_task(_sweep(_job(tenant_id, store_url), held, ReadyThreadFeed()))
+    task = asyncio.create_task(_sweep(_job(tenant_id, store_url), held, ReadyPushFeed()))
     assert await asyncio.to_thread(held.holding.wait, 10)
     task.cancel()
     await asyncio.sleep(0.2)

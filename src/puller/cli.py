@@ -240,9 +240,11 @@ def _pull_command(args: argparse.Namespace) -> int:
     # Forked before the store is imported and opened: the fetch process imports and sets up
     # its HTTP client while this process opens the store (importing SQLAlchemy for
     # PostgreSQL).
-    fetch = _fetch_process(config, jobs) if args.fetch_process else None
+    concurrency = max(1, args.concurrency)
+    fetch = (_fetch_process(config, jobs, concurrency=concurrency) if args.fetch_process
+             else None)
     try:
-        results = _pull_into_store(config, jobs, fetch, concurrency=max(1, args.concurrency))
+        results = _pull_into_store(config, jobs, fetch, concurrency=concurrency)
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(INTERRUPTED, file=sys.stderr)
         return EXIT_FAILED
@@ -253,15 +255,19 @@ def _pull_command(args: argparse.Namespace) -> int:
     return EXIT_OK if all(r.status == "succeeded" for r in results) else EXIT_FAILED
 
 
-def _fetch_process(config: PullerConfig, jobs: Sequence[pipeline.Job]) -> fetcher.FetchProcess:
+def _fetch_process(config: PullerConfig, jobs: Sequence[pipeline.Job], *,
+                   concurrency: int) -> fetcher.FetchProcess:
     """`--fetch-process`: forked before the event loop and the store's connections."""
     from puller import fetcher  # noqa: PLC0415 - lazy, as client
 
     def run_loop(main: Coroutine[Any, Any, None]) -> None:
         _run_loop(main)
 
-    return fetcher.FetchProcess.start(jobs, config, run_loop=run_loop,
-                                      dialect=dialect_of(config.store))
+    dialect = dialect_of(config.store)
+    # SQLite takes one writer at a time; PostgreSQL applies each sweep's pages on its own
+    # connection, as many at once as there are sweeps.
+    return fetcher.FetchProcess.start(jobs, config, run_loop=run_loop, dialect=dialect,
+                                      appliers=1 if dialect == "sqlite" else concurrency)
 
 
 def _pull_into_store(config: PullerConfig, jobs: Sequence[pipeline.Job],
@@ -315,7 +321,8 @@ def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,
         """In a forked child: pull these jobs as a lone `pull` would, without a progress bar."""
         mine = [by_key[key] for key in share]
         try:
-            fetch = _fetch_process(config, mine) if args.fetch_process else None
+            fetch = (_fetch_process(config, mine, concurrency=per_child) if args.fetch_process
+                     else None)
             try:
                 results = _pull_into_store(config, mine, fetch, concurrency=per_child,
                                            live=False)

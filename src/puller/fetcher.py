@@ -21,9 +21,10 @@ rows of plain values pickle and unpickle in 0.1 ms each for a page of 500 custom
 record objects took 0.7 and 0.3 ms, and building the rows 0.7 ms moves off the main process,
 which is the busier of the two; a clean customer page is built into that form straight from
 validation, _Out.validate). A reader thread hands each page to its sweep: without a
-commit_url to the applier thread, which applies every such sweep's pages in the order they
-arrive (pipeline.PushFeed: one thread for all of them, not a thread a sweep), else to the
-event loop. Acknowledgements (`commit_url`) stay with the main process: they follow the page's
+commit_url to an applier thread, which applies its sweeps' pages in the order they arrive
+(pipeline.PushFeed; one applier thread for every sweep on SQLite, which takes one writer at
+a time, one per concurrent sweep on PostgreSQL, each sweep's pages on one of them), else to
+the event loop. Acknowledgements (`commit_url`) stay with the main process: they follow the page's
 commit. Without a commit_url (or a tenant's ca_bundle to check) the main process makes no
 request and imports no HTTP client: the fetch process imports it after the fork.
 
@@ -72,18 +73,18 @@ RunLoop = Callable[[Coroutine[Any, Any, None]], None]
 class FetchProcess:
     """The main process's end of the fetch process; `feed` is a pipeline.FeedFactory."""
 
-    def __init__(self, pid: int, control: int, pages: int) -> None:
+    def __init__(self, pid: int, control: int, pages: int, appliers: int = 1) -> None:
         self._pid = pid
         self._control = control
         self._pages: IO[bytes] = os.fdopen(pages, "rb", buffering=1 << 20)
         self._feeds: dict[int, _RemoteFeed] = {}
         self._keys = 0
         self._reader: threading.Thread | None = None
-        # Every pushed sweep's items, in the order they came, for the applier thread; None
-        # ends it.
-        self._pushed: queue.SimpleQueue[tuple[_RemoteFeed, tuple[str, Any]] | None] = (
-            queue.SimpleQueue())
-        self._applier: threading.Thread | None = None
+        # Each applier thread's pushed items, in the order they came (a sweep's always go
+        # to the same thread); None ends it.
+        self._pushed: list[queue.SimpleQueue[tuple[_RemoteFeed, tuple[str, Any]] | None]] = [
+            queue.SimpleQueue() for _ in range(max(1, appliers))]
+        self._appliers: list[threading.Thread] = []
         self._ended: str | None = None
         self._ending = threading.Lock()  # the reader, the loop and a store thread may all end it
         self._status: int | None = None  # its wait status, once reaped
@@ -92,9 +93,11 @@ class FetchProcess:
 
     @classmethod
     def start(cls, jobs: Sequence[pipeline.Job], config: PullerConfig, *,
-              run_loop: RunLoop, dialect: str) -> FetchProcess:
+              run_loop: RunLoop, dialect: str, appliers: int = 1) -> FetchProcess:
         """Fork the fetch process for these jobs; call before any thread or event loop.
-        `dialect`: the store's, whose form the records are sent in (StoreRows)."""
+        `dialect`: the store's, whose form the records are sent in (StoreRows).
+        `appliers`: the threads that apply pushed sweeps' pages, each sweep's on one of
+        them: 1 for a store that takes one writer at a time (SQLite)."""
         sys.stdout.flush()
         sys.stderr.flush()
         control_read, control_write = os.pipe()
@@ -108,20 +111,23 @@ class FetchProcess:
         os.close(control_read)
         os.close(pages_write)
         logs.get_logger().info("fetch_process_started", pid=pid)
-        return cls(pid, control_write, pages_read)
+        return cls(pid, control_write, pages_read, appliers)
 
     def feed(self, job: pipeline.Job, start: Checkpoint, run_id: int) -> pipeline.PageFeed:
         """A sweep of `job` from `start`, asked of the fetch process at once, or, for a
         sweep applied as its pages come (pipeline.applied_in_thread), when it is pushed to
-        (`push_to`): its pages go to the applier thread, which applies every such sweep's
-        pages in the order they arrive; any other sweep's go through the event loop."""
+        (`push_to`): its pages go to an applier thread, which applies its sweeps' pages in
+        the order they arrive; any other sweep's go through the event loop."""
         if self._reader is None:
             self._reader = threading.Thread(target=self._read, name="puller-fetch-reader",
                                             daemon=True)
             self._reader.start()
-            self._applier = threading.Thread(target=self._apply, name="puller-applier",
-                                             daemon=True)
-            self._applier.start()
+            self._appliers = [
+                threading.Thread(target=self._apply, args=(pushed,), daemon=True,
+                                 name=f"puller-applier-{number}")
+                for number, pushed in enumerate(self._pushed, 1)]
+            for applier in self._appliers:
+                applier.start()
         self._keys += 1
         loop = None if pipeline.applied_in_thread(job) else asyncio.get_running_loop()
         feed = self._feeds[self._keys] = _RemoteFeed(
@@ -160,9 +166,10 @@ class FetchProcess:
         self.stop()
         if self._reader is not None:
             self._reader.join(_STOP_WAIT_S)
-        if self._applier is not None:
-            self._pushed.put(None)
-            self._applier.join(_STOP_WAIT_S)
+        for pushed in self._pushed:
+            pushed.put(None)
+        for applier in self._appliers:
+            applier.join(_STOP_WAIT_S)
         if self._reap(_STOP_WAIT_S) is None:
             os.kill(self._pid, signal.SIGKILL)
             os.waitpid(self._pid, 0)
@@ -185,11 +192,12 @@ class FetchProcess:
 
     def push(self, feed: _RemoteFeed, item: tuple[str, Any]) -> None:
         """Hand an item of a pushed sweep to the applier thread; from any thread."""
-        self._pushed.put((feed, item))
+        self._pushed[feed.key % len(self._pushed)].put((feed, item))
 
-    def _apply(self) -> None:
-        """The applier thread: each pushed sweep's items, in the order they came."""
-        while (entry := self._pushed.get()) is not None:
+    @staticmethod
+    def _apply(pushed: queue.SimpleQueue[tuple[_RemoteFeed, tuple[str, Any]] | None]) -> None:
+        """An applier thread: its pushed sweeps' items, in the order they came."""
+        while (entry := pushed.get()) is not None:
             feed, item = entry
             try:
                 feed.step(item)
@@ -220,7 +228,7 @@ class _RemoteFeed:
     def __init__(self, owner: FetchProcess, key: int,
                  loop: asyncio.AbstractEventLoop | None, start: tuple[Any, ...]) -> None:
         self._owner = owner
-        self._key = key
+        self.key = key
         self._loop = loop
         self._start = start
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -264,13 +272,13 @@ class _RemoteFeed:
         return _unpack(await self._queue.get())
 
     def applied(self) -> None:
-        self._owner.tell(("credit", self._key))
+        self._owner.tell(("credit", self.key))
 
     def ready(self) -> bool:
         return self._loop is not None and not self._queue.empty()
 
     async def aclose(self) -> None:
-        self._owner.forget(self._key)
+        self._owner.forget(self.key)
 
 
 def _unpack(item: tuple[str, Any]) -> pipeline.Fetched | None:

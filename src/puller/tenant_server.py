@@ -143,6 +143,16 @@ class Fault:
     reset: bool = False
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up before its answer is written (a pull killed or ended while
+    a request was in flight) is no error of the server's: no traceback for it."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):  # BrokenPipe, ConnectionReset
+            return
+        super().handle_error(request, client_address)
+
+
 class TenantServer:
     """The HTTP server, its datasets, its fault queue and what it was sent."""
 
@@ -154,7 +164,7 @@ class TenantServer:
         self.on_ack: Callable[[dict[str, Any]], None] | None = None
         self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer((host, port), _handler(self))
+        self.httpd = _QuietServer((host, port), _handler(self))
         self.httpd.daemon_threads = True
         self._scheme = "http"
         if tls is not None:

@@ -111,3 +111,21 @@ async def test_a_503_burst_with_retry_after_is_ridden_out(
                         scopes={"customer": {"page_size": 5}})
     result = await pull(config, store)
     assert result.status == "succeeded" and result.stats.accepted == 12
+
+
+def test_a_client_hanging_up_is_no_server_error(tenant_server: TenantServer,
+                                                capfd: Any) -> None:
+    """The bundled tenant prints no traceback for a client that hung up before its answer
+    was written (a pull killed mid-request); any other error of its own it still prints."""
+    server = tenant_server.httpd
+    for hang_up in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset")):
+        try:
+            raise hang_up
+        except ConnectionError:
+            server.handle_error(None, ("127.0.0.1", 1))
+    assert "Traceback" not in capfd.readouterr().err
+    try:
+        raise ValueError("a defect of the server's")
+    except ValueError:
+        server.handle_error(None, ("127.0.0.1", 1))
+    assert "a defect of the server's" in capfd.readouterr().err

@@ -97,6 +97,27 @@ def test_a_pull_with_a_fetch_process_stores_what_one_without_it_does(
         assert sum(a["rejected"] for a in acks) == sum(r["rejected"] for r in stored) > 0
 
 
+@BACKENDS
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_pages_applied_as_they_come_keep_each_runs_order_and_count(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path, store_url: str,
+    concurrency: int,
+) -> None:
+    """Without a commit_url the pages of every run go to shared applier threads (one on
+    SQLite, one per concurrent run on PostgreSQL): several tenants' runs at once, invalid
+    records among them, each run's pages applied in order and counted, the store equal to
+    the source, orders after their customers and products."""
+    data = datasets(tenant_server, tenant_id, 4)
+    config = write_many(tmp_path, tenant_server, list(data), store_url=store_url)
+    done = pull("--config", str(config), "--json", "--concurrency", str(concurrency))
+    assert done.returncode == 0, done.stderr
+    summary = orjson.loads(done.stdout)
+    assert [(r["tenant"], r["scope"]) for r in summary] == [(t, s) for t in data for s in SCOPES]
+    assert all(r["status"] == "succeeded" for r in summary)
+    assert sum(r["rejected"] for r in summary) > 0
+    assert_each_tenant_stored_in_import_order(store_url, data)
+
+
 def test_it_combines_with_processes(tenant_server: TenantServer, tenant_id: str,
                                     tmp_path: Path) -> None:
     data = datasets(tenant_server, tenant_id, 4)

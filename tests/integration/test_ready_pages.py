@@ -54,7 +54,11 @@ class ReadyFeed:
         self.credits = 0
 
     async def next(self) -> pipeline.Fetched | None:
-        item = self.items.pop(0)
+        return self.take(self.items.pop(0))
+
+    @staticmethod
+    def take(item: pipeline.Fetched | Exception | None) -> pipeline.Fetched | None:
+        """The page, None at the end, or the failure raised."""
         if isinstance(item, Exception):
             raise item
         return item
@@ -76,15 +80,9 @@ class ReadyPushFeed(ReadyFeed):
     def push_to(self, step: pipeline.Step) -> None:
         def push() -> None:
             for item in list(self.items):
-                step(functools.partial(self._take, item))
+                step(functools.partial(self.take, item))
 
         threading.Thread(target=push, daemon=True).start()
-
-    @staticmethod
-    def _take(item: pipeline.Fetched | Exception | None) -> pipeline.Fetched | None:
-        if isinstance(item, Exception):
-            raise item
-        return item
 
 
 FEEDS = pytest.mark.parametrize("feed_kind", [ReadyFeed, ReadyPushFeed],

@@ -577,6 +577,8 @@ def _fast_payloads(scope: Scope, valid: list[dict[str, Any]],
 
 
 _DECLARED = _FastCustomer.__required_keys__ | _FastCustomer.__optional_keys__
+CUSTOMER_FIELDS: frozenset[str] = frozenset(_DECLARED)
+"""The fields a customer declares; any other it has is kept as `extra` (extra_fields)."""
 
 
 def utc(value: str) -> datetime:

@@ -231,6 +231,32 @@ any_json = st.recursive(
 )
 
 
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(pages=st.lists(st.dictionaries(
+    st.text(max_size=12).filter(lambda key: key not in rules.CUSTOMER_FIELDS), any_json,
+    max_size=3), min_size=1, max_size=4))
+def test_the_extra_fields_text_in_sqlite_rows_is_json_text_of_the_extra_fields(
+    pages: list[dict[str, Any]],
+) -> None:
+    """forms.extra_texts, which writes one extra field without its dict, gives for each
+    record of a page the text json_text gives of records.extra_fields' dict: any JSON
+    value (integers beyond 64 bits, objects, texts to escape), any name, no field, one or
+    several, the page's records in several layouts (each found once)."""
+    page = []
+    for number, extra in enumerate(pages):
+        record = make_customer(number)
+        del record["loyalty_tier"]
+        page.append({**extra, **record} if number % 2 else {**record, **extra})
+    valid = rules.valid_customers(_parsed(page))
+    if valid is None:  # a NUL character: such a page goes the long way, where it is rejected
+        assert "\\u0000" in json.dumps(page)
+        event("a NUL character")
+        return
+    as_text, as_dict = forms.extra_texts(), rules.extra_fields()
+    for record, sent in zip(valid.records, valid.sent, strict=True):
+        assert as_text(record, sent) == protocol.json_text(as_dict(record, sent))
+
+
 @settings(max_examples=400)
 @given(value=any_json)
 def test_every_number_is_read_and_stored_as_sent(value: Any) -> None:

@@ -27,7 +27,7 @@ DEFAULT_STORE_URL = "sqlite:///var/puller.db"
 DEFAULT_MAX_PAGES = 100_000
 DEFAULT_MAX_PAGE_BYTES = 32 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 30.0
-DEFAULT_PREFETCH = 2
+DEFAULT_PREFETCH = 4
 MAX_PREFETCH = 32
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -139,7 +139,7 @@ class CallbackConfig(_Frozen):
 
     @property
     def effective_prefetch(self) -> int:
-        """Pages fetched ahead of the one being stored: 2 (or parallel_pages - 1 if more),
+        """Pages fetched ahead of the one being stored: 4 (or parallel_pages - 1 if more),
         or 0 with a commit_url.
 
         A tenant exporting "queue style" may expect each page acknowledged before the next

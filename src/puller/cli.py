@@ -618,7 +618,8 @@ def _print_rows(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
 
 
 _LEFT = ("tenant", "tenant_id", "scope")
-"""Columns aligned left; every other is aligned right."""
+"""The columns rich's table aligns left, every other right (the plain table aligns the
+columns of numbers right, every other left)."""
 
 
 def _print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:

@@ -247,7 +247,7 @@ def _reasons(model: type[_Record], raw: Raw, scope: Scope) -> _Record | tuple[st
         record = model.model_validate(raw)
     except ValidationError as exc:
         return tuple(_reason(err) for err in exc.errors(include_url=False))
-    money = money_problems(raw) if scope is not Scope.CUSTOMER else []
+    money = [] if scope is Scope.CUSTOMER or money_ok(raw) else money_problems(raw)
     return tuple(money) if money else record
 
 
@@ -282,6 +282,37 @@ def money_problems(node: object, path: str = "", depth: int = 1) -> list[str]:
         for index, value in enumerate(node):
             problems.extend(money_problems(value, f"{path}[{index}]", depth + 1))
     return problems
+
+
+def money_ok(record: object) -> bool:
+    """Whether money_problems finds nothing in `record` and it nests at most MAX_DEPTH
+    levels: the same walk without naming the places, which money_problems then does for
+    a record that has a problem. 500 orders (make_order's) took 4.5-4.7 ms walked by
+    money_problems, mostly making the path of every value, 1.9-2.2 ms so (best of 7)."""
+    return _money_ok(record, 1)
+
+
+def _money_ok(node: object, depth: int) -> bool:
+    if isinstance(node, dict):
+        if depth > MAX_DEPTH:
+            return False
+        # Money-shaped (_MONEY_KEYS) and not as _money wants it.
+        if ("amount" in node or "precision" in node or "currency" in node) and not (
+                _is_int(node.get("amount")) and _is_count(node.get("precision"))
+                and _is_currency(node.get("currency"))):
+            return False
+        children: Any = node.values()
+    elif isinstance(node, list):
+        if depth > MAX_DEPTH:
+            return False
+        children = node
+    else:
+        return True
+    depth += 1  # at most MAX_DEPTH + 1 calls deep
+    for child in children:  # a loop: all() over a generator took half as long again
+        if isinstance(child, (dict, list)) and not _money_ok(child, depth):
+            return False
+    return True
 
 
 MAX_DEPTH = 200
@@ -367,15 +398,23 @@ def _money(node: dict[str, Any], path: str) -> list[str]:
             f"{path}.amount: {amount!r} must be an integer in the smallest currency unit "
             "(19999 with precision 2 for 199.99)"
         )
-    if not isinstance(precision, int) or isinstance(precision, bool) or precision < 0:
+    if not _is_count(precision):
         problems.append(f"{path}.precision: {precision!r} must be a non-negative integer")
-    if not isinstance(currency, str) or not _CURRENCY.match(currency):
+    if not _is_currency(currency):
         problems.append(f"{path}.currency: {currency!r} must be a 3-letter ISO 4217 code")
     return problems
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_currency(value: object) -> bool:
+    return isinstance(value, str) and _CURRENCY.match(value) is not None
 
 
 def _customer(record: _Record, raw: Raw, position: int) -> Accepted:
@@ -564,7 +603,7 @@ def _fast_payloads(scope: Scope, valid: list[dict[str, Any]],
     key = scope.id_field
     for position, (record, raw) in enumerate(zip(valid, candidates, strict=True)):
         assert isinstance(raw, dict)
-        if money_problems(raw):
+        if not money_ok(raw):
             return None
         columns: dict[str, Any] = {"payload": raw}
         if scope is Scope.ORDER:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any
 
 import orjson
+import pytest
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -19,6 +20,7 @@ from puller.config import PullerConfig, load_config
 from puller.domain import Checkpoint, Scope, Where
 from puller.records import validate_page
 from puller.tenant_server import make_customer, make_order, make_product
+from tests.conftest import nested_arrays
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.integers(min_value=2**63 - 2)
@@ -229,6 +231,41 @@ any_json = st.recursive(
                                                                 max_size=4),
     max_leaves=12,
 )
+
+
+money_parts = st.one_of(
+    st.integers(min_value=-3, max_value=2**70), st.booleans(), st.none(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from(["EUR", "usd", "EUR\n", "EURO", "", "GB"]), st.text(max_size=4))
+money_trees = st.recursive(
+    money_parts | st.dictionaries(st.sampled_from(["amount", "precision", "currency", "x"]),
+                                  money_parts, max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["amount", "precision", "currency", "total", "lines", "price"]),
+        inner, max_size=4),
+    max_leaves=16)
+
+
+@settings(max_examples=600)
+@given(record=money_trees)
+def test_money_ok_is_money_problems_finding_nothing(record: Any) -> None:
+    """records.money_ok, the validators' quick walk, says a record is fine exactly when
+    money_problems finds no problem in it: money-shaped objects anywhere, with amounts,
+    precisions and currencies of every kind, half-shaped ones, none."""
+    ok = rules.money_ok(record)
+    assert ok == (rules.money_problems(record) == [])
+    event("fine" if ok else "a problem")
+
+
+def test_money_ok_refuses_what_nests_too_deep_as_money_problems_does() -> None:
+    """A record nested more than MAX_DEPTH levels is not fine (money_problems raises
+    TooDeep for it); one nested exactly MAX_DEPTH levels is."""
+    deepest = {"total": nested_arrays(rules.MAX_DEPTH - 1)}
+    assert rules.money_ok(deepest) and rules.money_problems(deepest) == []
+    too_deep = {"total": nested_arrays(rules.MAX_DEPTH)}
+    assert not rules.money_ok(too_deep)
+    with pytest.raises(rules.TooDeep):
+        rules.money_problems(too_deep)
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])

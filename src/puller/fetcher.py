@@ -388,19 +388,23 @@ class _Out:
             _send(self._pages, (self._key, "page", self._in_store_form(item)))
 
     def validate(self, raws: Sequence[object]) -> ValidatedPage:
-        """pipeline.Validate: a customer page that the fast path accepts whole goes
-        straight to the store's form (forms.customer_rows: 0.6 ms less a page of 500 on
-        SQLite, 0.3 ms on PostgreSQL); any other page is validated as without the fetch
-        process, and put in the store's form when it is sent."""
-        job = self._job
-        if job.scope is Scope.CUSTOMER:
-            valid = records.valid_customers(raws, normalize_case=job.tenant.normalize_case)
-            if valid is not None:
-                rows = forms.customer_rows(valid, self._dialect)
-                if rows is not None:
-                    return ValidatedPage(accepted=[], rejections=[],
-                                         normalised=valid.normalised, rows=rows)
-        return records.validate_page(job.scope, raws, normalize_case=job.tenant.normalize_case)
+        """pipeline.Validate: a page that the fast path accepts whole goes straight to the
+        store's form: customers by forms.customer_rows (0.6 ms less a page of 500 on
+        SQLite, 0.3 ms on PostgreSQL), orders and products by forms.payload_rows; any other
+        page is validated as without the fetch process, and put in the store's form when
+        it is sent."""
+        scope, normalize = self._job.scope, self._job.tenant.normalize_case
+        valid: records.ValidCustomers | records.ValidPayloads | None
+        if scope is Scope.CUSTOMER:
+            valid = records.valid_customers(raws, normalize_case=normalize)
+            rows = None if valid is None else forms.customer_rows(valid, self._dialect)
+        else:
+            valid = records.valid_payloads(scope, raws, normalize_case=normalize)
+            rows = None if valid is None else forms.payload_rows(scope, valid, self._dialect)
+        if valid is not None and rows is not None:
+            return ValidatedPage(accepted=[], rejections=[], normalised=valid.normalised,
+                                 rows=rows)
+        return records.validate_page(scope, raws, normalize_case=normalize)
 
     def _in_store_form(self, item: pipeline.Fetched) -> pipeline.Fetched:
         page = item.page

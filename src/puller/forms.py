@@ -177,6 +177,53 @@ def extra_texts() -> ExtraText:
     return customer_extra_text
 
 
+def payload_rows(scope: Scope, valid: rules.ValidPayloads, dialect: str) -> StoreRows | None:
+    """An order or product page in `dialect`'s form straight from pydantic-core's valid
+    dicts (records.valid_payloads), as customer_rows does for customers: the same rows or
+    document as `prepare` makes of the page's records (a property test checks it). None
+    when the page needs more: an id sent twice, or a timestamp of the right shape that is
+    no date."""
+    key = scope.id_field
+    ids = [str(record[key]) for record in valid.records]
+    if len(set(ids)) != len(ids):
+        return None
+    try:
+        payload: Any = (_sqlite_payloads(scope, valid, ids) if dialect == "sqlite"
+                        else _pg_payloads(scope, valid, ids))
+    except ValueError:
+        return None
+    return StoreRows(dialect=dialect, payload=payload, survivors=len(ids), duplicates=0)
+
+
+def _sqlite_payloads(scope: Scope, valid: rules.ValidPayloads, ids: list[str]) -> list[str]:
+    order, time_of = scope is Scope.ORDER, _sqlite_time_of
+    values: list[str] = []
+    add = values.extend
+    for record_id, record, sent in zip(ids, valid.records, valid.sent, strict=True):
+        deleted = record.get("deleted_at")
+        add((record_id, *((str(record["customer_id"]),) if order else ()), json_text(sent),
+             time_of(record["last_modified_date"]),
+             NO_TIME if deleted is None else time_of(deleted)))
+    return values
+
+
+def _pg_payloads(scope: Scope, valid: rules.ValidPayloads, ids: list[str]) -> str:
+    utc, keys = rules.utc, PG_KEYS[scope]
+    id_key, time_key, deleted_key, payload_key = (
+        keys[scope.id_field], keys["last_modified_date"], keys["deleted_at"], keys["payload"])
+    customer_key = keys.get("customer_id")  # orders only
+    documents = []
+    for record_id, record, sent in zip(ids, valid.records, valid.sent, strict=True):
+        deleted = record.get("deleted_at")
+        document = {id_key: record_id, time_key: utc(record["last_modified_date"]),
+                    deleted_key: None if deleted is None else utc(deleted)}
+        if customer_key is not None:
+            document[customer_key] = str(record["customer_id"])
+        document[payload_key] = sent
+        documents.append(document)
+    return json_text(documents)
+
+
 NO_TIME = ""
 """deleted_at of a record that is not deleted, in SQLite's rows: text, as every other value
 (StoreRows crosses the pipe as one text); the statement stores it as NULL."""

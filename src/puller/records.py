@@ -187,6 +187,37 @@ def valid_customers(raws: Sequence[object], *, normalize_case: bool = False
     return ValidCustomers(valid, candidates, changes)  # type: ignore[arg-type]
 
 
+class ValidPayloads(NamedTuple):
+    """An order or product page that the fast path accepts whole (valid_payloads)."""
+
+    records: list[dict[str, Any]]
+    """pydantic-core's dicts: the declared fields only (the keys and the times)."""
+    sent: Sequence[dict[str, Any]]
+    """The records as validated (case normalised): what is stored as each one's payload."""
+    normalised: int
+    """How many fields case normalisation changed."""
+
+
+def valid_payloads(scope: Scope, raws: Sequence[object], *, normalize_case: bool = False
+                   ) -> ValidPayloads | None:
+    """An order or product page as pydantic-core validated it when the fast path accepts
+    every record, its money included (money_ok); None when it does not (then
+    validate_page decides and explains). For a page's store form built straight from
+    these dicts (forms.payload_rows): what validate_page's records hold, without building
+    them."""
+    if isinstance(raws, RecordsWithNul):
+        return None
+    candidates, changes = _candidates(raws, normalize_case=normalize_case)
+    try:
+        valid = _fast_adapter(scope).validate_python(candidates)
+    except ValidationError:
+        return None
+    for raw in candidates:
+        if not money_ok(raw):
+            return None
+    return ValidPayloads(valid, candidates, changes)  # type: ignore[arg-type]
+
+
 def _candidates(raws: Sequence[object], *, normalize_case: bool
                 ) -> tuple[Sequence[object], int]:
     if not normalize_case:

@@ -223,6 +223,65 @@ def test_customer_rows_are_what_prepare_makes_of_the_validated_records(
     assert rows == expected
 
 
+money = st.one_of(
+    st.builds(lambda amount, precision, currency: {"amount": amount, "precision": precision,
+                                                   "currency": currency},
+              st.integers(min_value=-5, max_value=2**70), st.integers(min_value=-1, max_value=4),
+              st.sampled_from(["EUR", "usd", "GBP"])),
+    st.sampled_from([{"amount": 1.5, "precision": 2, "currency": "EUR"}, {"amount": 5}]))
+
+
+@st.composite
+def payload_pages(draw: st.DrawFn, scope: Scope) -> list[dict[str, Any]]:
+    """A page of near-valid orders or products: ids that may repeat or be integers,
+    timestamps of every shape, deleted_at or not, money right or wrong, other fields (a
+    case to normalise among them), in any order; as protocol.parse_envelope hands them on."""
+    make = make_order if scope is Scope.ORDER else make_product
+    page = []
+    for _ in range(draw(st.integers(min_value=0, max_value=6))):
+        record = make(draw(st.integers(min_value=0, max_value=3)))
+        if draw(st.booleans()):
+            record[scope.id_field] = draw(st.integers(min_value=-(2**40), max_value=2**40)
+                                          | st.sampled_from(["o1", "p1", " o1", "x"]))
+        for field in draw(st.lists(st.sampled_from(["last_modified_date", "deleted_at",
+                                                    "total", "gender", "zz_note"]),
+                                   max_size=3)):
+            record[field] = draw(timestamps | z_times | money | field_values
+                                 | st.sampled_from(["MALE", "female"]))
+        if draw(st.booleans()):
+            record = dict(draw(st.permutations(list(record.items()))))
+        page.append(record)
+    return _parsed(page)
+
+
+@settings(max_examples=800, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), scope=st.sampled_from([Scope.ORDER, Scope.PRODUCT]),
+       normalize=st.booleans(), dialect=st.sampled_from(["sqlite", "postgresql"]))
+def test_payload_rows_are_what_prepare_makes_of_the_validated_records(
+    data: st.DataObject, scope: Scope, normalize: bool, dialect: str,
+) -> None:
+    """The fetch process's shortcut for orders and products (forms.payload_rows from
+    records.valid_payloads) stores exactly what validating and preparing the page stores,
+    or declines; it declines only pages with a repeated id (or a date that is no date),
+    which then go the long way."""
+    page = data.draw(payload_pages(scope))
+    page_result = validate_page(scope, page, normalize_case=normalize)
+    valid = rules.valid_payloads(scope, page, normalize_case=normalize)
+    if valid is None:
+        event("the fast path refused the page")  # validate_page decides and explains
+        return
+    rows = forms.payload_rows(scope, valid, dialect)
+    expected = forms.prepare(page_result.accepted, scope, dialect)
+    if rows is None:
+        event("payload_rows declined")
+        assert expected.duplicates > 0 or page_result.rejections
+        return
+    event("payload_rows took it")
+    assert page_result.rejections == []
+    assert valid.normalised == page_result.normalised
+    assert rows == expected
+
+
 any_json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.integers(min_value=2**63 - 2)
     | st.integers(max_value=-(2**63) + 1) | st.floats(allow_nan=False, allow_infinity=False)

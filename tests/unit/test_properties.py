@@ -17,7 +17,7 @@ from pydantic import StringConstraints, TypeAdapter, ValidationError
 from puller import errors, forms, pg_store, protocol, sqlite_store
 from puller import records as rules
 from puller.config import PullerConfig, load_config
-from puller.domain import Checkpoint, Scope, Where
+from puller.domain import Checkpoint, Scope, StoreRows, Where
 from puller.records import validate_page
 from puller.tenant_server import make_customer, make_order, make_product
 from tests.conftest import nested_arrays
@@ -206,18 +206,28 @@ def test_customer_rows_are_what_prepare_makes_of_the_validated_records(
     """The fetch process's shortcut (forms.customer_rows from records.valid_customers)
     stores exactly what validating and preparing the page stores, or declines; it declines
     only pages with a repeated id (or a date that is no date), which then go the long way."""
-    page_result = validate_page(Scope.CUSTOMER, page, normalize_case=normalize)
     valid = rules.valid_customers(page, normalize_case=normalize)
+    rows = None if valid is None else forms.customer_rows(valid, dialect)
+    _stored_as_the_long_way_stores(Scope.CUSTOMER, page, normalize, dialect, valid, rows)
+
+
+def _stored_as_the_long_way_stores(
+    scope: Scope, page: list[dict[str, Any]], normalize: bool, dialect: str,
+    valid: rules.ValidCustomers | rules.ValidPayloads | None, rows: StoreRows | None,
+) -> None:
+    """A shortcut's `rows` of `page` (from `valid`, the fast path's) are what preparing
+    validate_page's records makes; or it declined a page with a repeated id or a date that
+    is no date; or the fast path refused the page (validate_page decides and explains)."""
+    page_result = validate_page(scope, page, normalize_case=normalize)
     if valid is None:
         event("the fast path refused the page")
         return
-    rows = forms.customer_rows(valid, dialect)
-    expected = forms.prepare(page_result.accepted, Scope.CUSTOMER, dialect)
+    expected = forms.prepare(page_result.accepted, scope, dialect)
     if rows is None:
-        event("customer_rows declined")
+        event("the shortcut declined")
         assert expected.duplicates > 0 or page_result.rejections
         return
-    event("customer_rows took it")
+    event("the shortcut took it")
     assert page_result.rejections == []
     assert valid.normalised == page_result.normalised
     assert rows == expected
@@ -265,21 +275,9 @@ def test_payload_rows_are_what_prepare_makes_of_the_validated_records(
     or declines; it declines only pages with a repeated id (or a date that is no date),
     which then go the long way."""
     page = data.draw(payload_pages(scope))
-    page_result = validate_page(scope, page, normalize_case=normalize)
     valid = rules.valid_payloads(scope, page, normalize_case=normalize)
-    if valid is None:
-        event("the fast path refused the page")  # validate_page decides and explains
-        return
-    rows = forms.payload_rows(scope, valid, dialect)
-    expected = forms.prepare(page_result.accepted, scope, dialect)
-    if rows is None:
-        event("payload_rows declined")
-        assert expected.duplicates > 0 or page_result.rejections
-        return
-    event("payload_rows took it")
-    assert page_result.rejections == []
-    assert valid.normalised == page_result.normalised
-    assert rows == expected
+    rows = None if valid is None else forms.payload_rows(scope, valid, dialect)
+    _stored_as_the_long_way_stores(scope, page, normalize, dialect, valid, rows)
 
 
 any_json = st.recursive(

@@ -96,11 +96,19 @@ def customer_rows(valid: rules.ValidCustomers, dialect: str) -> StoreRows | None
     page needs more: an id sent twice (prepare keeps the newest), or a timestamp of the
     right shape that is no date."""
     ids = [rules.customer_id_text(key) for key in map(_CUSTOMER_ID, valid.records)]
+    return _straight_rows(ids, dialect, lambda: (
+        _sqlite_customers(valid, ids) if dialect == "sqlite" else _pg_customers(valid, ids)))
+
+
+def _straight_rows(ids: list[str], dialect: str, build: Callable[[], Any]) -> StoreRows | None:
+    """A page's form built by `build` from the fast path's dicts (customer_rows,
+    payload_rows); None when the page needs the long way: an id sent twice (prepare keeps
+    the newest), or a timestamp of the right shape that is no date (`build` raises
+    ValueError)."""
     if len(set(ids)) != len(ids):
         return None
     try:
-        payload: Any = (_sqlite_customers(valid, ids) if dialect == "sqlite"
-                        else _pg_customers(valid, ids))
+        payload = build()
     except ValueError:
         return None
     return StoreRows(dialect=dialect, payload=payload, survivors=len(ids), duplicates=0)
@@ -180,14 +188,9 @@ def payload_rows(scope: Scope, valid: rules.ValidPayloads, dialect: str) -> Stor
     no date."""
     key = scope.id_field
     ids = [str(record[key]) for record in valid.records]
-    if len(set(ids)) != len(ids):
-        return None
-    try:
-        payload: Any = (_sqlite_payloads(scope, valid, ids) if dialect == "sqlite"
-                        else _pg_payloads(scope, valid, ids))
-    except ValueError:
-        return None
-    return StoreRows(dialect=dialect, payload=payload, survivors=len(ids), duplicates=0)
+    return _straight_rows(ids, dialect, lambda: (
+        _sqlite_payloads(scope, valid, ids) if dialect == "sqlite"
+        else _pg_payloads(scope, valid, ids)))
 
 
 def _sqlite_payloads(scope: Scope, valid: rules.ValidPayloads, ids: list[str]) -> list[str]:

@@ -250,7 +250,11 @@ def _dlt_python() -> str:
 
 
 # ---------------------------------------------------------------- measuring
-def _reap(argv: list[str], env: dict[str, str]) -> tuple[float, float, bytes, bytes, int]:
+def _reap(argv: list[str], env: dict[str, str]
+          ) -> tuple[float, float, bytes, bytes, int, float]:
+    """Seconds, peak RSS (MiB), output, errors, exit code, and CPU seconds (user + system)
+    of the process and of every process of its own that it waited for (puller's fetch
+    process, the --processes children)."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     out = proc.stdout.read() if proc.stdout else b""
@@ -258,14 +262,15 @@ def _reap(argv: list[str], env: dict[str, str]) -> tuple[float, float, bytes, by
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return elapsed, usage.ru_maxrss / 1024, out, err, proc.returncode
+    return (elapsed, usage.ru_maxrss / 1024, out, err, proc.returncode,
+            usage.ru_utime + usage.ru_stime)
 
 
-def run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    elapsed, rss_mib, out, err, code = _reap(argv, {**os.environ, **(env or {})})
+def run(argv: list[str], env: dict[str, str] | None = None) -> Sample:
+    elapsed, rss_mib, out, err, code, cpu_s = _reap(argv, {**os.environ, **(env or {})})
     if code != 0:
         raise SystemExit(f"{' '.join(argv[:5])} failed ({code}):\n{err.decode()[-3000:]}")
-    return elapsed, rss_mib, out.decode()
+    return elapsed, rss_mib, out.decode(), cpu_s
 
 
 def fresh_pg() -> str | None:
@@ -446,7 +451,8 @@ def _print_floors(floors: dict[str, float], rows: list[dict[str, Any]], total: i
         print(line)
 
 
-Sample = tuple[float, float, str]
+Sample = tuple[float, float, str, float]
+"""Seconds, peak RSS (MiB), output, CPU seconds."""
 
 
 def _bench_size(me: list[str], url: str, folder: Path, size: int, stores: list[str],
@@ -591,21 +597,24 @@ def _row(what: str, store: str, size: int, total: int,
     pages = -(-total // size)
     return {"what": what, "store": store, "page_size": size, "seconds": seconds,
             "rec_s": total / seconds, "pages_s": pages / seconds,
-            "rss_mib": max(s[1] for s in samples), "ratio": None}
+            "rss_mib": max(s[1] for s in samples),
+            "cpu_s": statistics.median(s[3] for s in samples), "ratio": None}
 
 
 def _print(rows: list[dict[str, Any]], args: argparse.Namespace, total: int) -> None:
     print(f"\n{total:,} customers ({args.tenants} tenant(s)), median of {args.repeat}, "
-          f"whole processes; ratio = puller ÷ plain httpx loop at the same page size\n")
+          f"whole processes; ratio = puller ÷ plain httpx loop at the same page size; CPU s = "
+          f"user + system seconds of the process and its own (puller's fetch process), not "
+          f"the tenant server's; two cores give at most 2 CPU s a second\n")
     wide = max(38, *(len(r["what"]) for r in rows))
     head = (f"{'what':{wide}} {'store':8} {'page':>5} {'rec/s':>9} {'pages/s':>8} "
-            f"{'RSS MiB':>8} {'ratio':>6}")
+            f"{'RSS MiB':>8} {'CPU s':>6} {'ratio':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else ""
         print(f"{r['what']:{wide}} {r['store']:8} {r['page_size']:>5} {r['rec_s']:>9,.0f} "
-              f"{r['pages_s']:>8,.0f} {r['rss_mib']:>8.0f} {ratio:>6}")
+              f"{r['pages_s']:>8,.0f} {r['rss_mib']:>8.0f} {r['cpu_s']:>6.2f} {ratio:>6}")
     _targets(rows, args.latency_ms)
 
 

@@ -58,6 +58,11 @@ def get_logger() -> structlog.typing.FilteringBoundLogger:
     return logger
 
 
+def debug_enabled() -> bool:
+    """Whether a debug event would be written: to skip work done only for one."""
+    return get_logger().is_enabled_for(logging.DEBUG)
+
+
 @contextmanager
 def bound(**context: Any) -> Iterator[None]:
     """Bind fixed keys (`tenant`, `scope`, `run_id`, `page`) for everything logged inside."""

@@ -370,6 +370,12 @@ async def _apply_pushed(
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     busy = threading.Lock()  # held while a page is applied
+    # The loop is woken for a page only if it has something to do for it: a progress hook
+    # or the page_applied event (debug). Off a terminal and below debug, a page woke it for
+    # nothing: 200,000 customers at page size 50, the main process's CPU 4.55 -> 3.91 and
+    # 4.46 -> 4.07 s into SQLite (5 and 4 interleaved rounds), 3.34 -> 2.41 s into
+    # PostgreSQL (3); 100 tenants x 2,000 into SQLite 5.38 -> 4.99 s (5).
+    follow = on_page is not None or logs.debug_enabled()
     halted = threading.Event()  # the end, a failure, a stop or a cancellation: no more
 
     def step(take: Callable[[], Fetched | None]) -> None:
@@ -383,7 +389,8 @@ async def _apply_pushed(
                     with logs.bound(page=fetched.request.label):
                         applied = _store(job, run_id, fetched, sink=sink, clock=clock)
                     feed.applied()
-                    loop.call_soon_threadsafe(_applied_page, job, fetched, applied, on_page)
+                    if follow:
+                        loop.call_soon_threadsafe(_applied_page, job, fetched, applied, on_page)
                     if fetched.following is None or should_stop is None or not should_stop():
                         return
                     raise _StopRequested

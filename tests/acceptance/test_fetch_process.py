@@ -406,3 +406,36 @@ def test_a_tenant_of_its_own_dataset_is_pulled_in_cursor_mode_too(
     assert done.returncode == 0, done.stderr
     assert orjson.loads(done.stdout)[0]["pages"] == 10
     assert_store_equals_source(store_url, tenant_id, dataset, "customer")
+
+
+@pytest.mark.parametrize("level", ["debug", "info"])
+def test_pages_applied_as_they_come_are_logged_at_debug_only(
+    tenant_server: TenantServer, tenant_id: str, tmp_path: Path, level: str,
+) -> None:
+    """A page applied on the applier thread is followed on the event loop only when
+    something is done there: at debug, one page_applied event a page, in order, with the
+    run's keys; at info none, and the pull is the same."""
+    add_dataset(tenant_server, tenant_id, customers=23, products=0, orders=0)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "store": f"sqlite:///{tmp_path}/p.db", "allow_private_networks": True,
+        "tenants": [{"id": tenant_id, "shop": f"{tenant_id}.example.com", "callbacks": {
+            "customer": {"url": f"{tenant_server.url}/{tenant_id}/customers",
+                         "page_size": 10}}}]}))
+    config.chmod(0o600)
+    done = subprocess.run(
+        [sys.executable, "-m", "puller", "--log-level", level, "--log-json", "pull",
+         "--fetch-process", "--config", str(config), "--json"],
+        capture_output=True, text=True, timeout=120, env=_env(), check=False)
+    assert done.returncode == 0, done.stderr
+    (summary,) = orjson.loads(done.stdout)
+    assert (summary["pages"], summary["accepted"]) == (3, 23)
+    events = [orjson.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    applied = [e for e in events if e["event"] == "page_applied"]
+    if level == "info":
+        assert applied == []
+        assert any(e["event"] == "run_succeeded" for e in events)
+        return
+    assert [(e["tenant"], e["scope"], e["run_id"], e["page"], e["records"]) for e in applied] \
+        == [(tenant_id, "customer", summary["run_id"], str(n), r)
+            for n, r in ((1, 10), (2, 10), (3, 3))]

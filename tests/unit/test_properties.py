@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any
 
@@ -337,16 +338,28 @@ def test_the_extra_fields_text_in_sqlite_rows_is_json_text_of_the_extra_fields(
     record of a page the text json_text gives of records.extra_fields' dict: any JSON
     value (integers beyond 64 bits, objects, texts to escape), any name, no field, one or
     several, the page's records in several layouts (each found once)."""
-    page = []
-    for number, extra in enumerate(pages):
-        record = make_customer(number)
-        del record["loyalty_tier"]
-        page.append({**extra, **record} if number % 2 else {**record, **extra})
+    page = _customers_with(pages, first=lambda number: number % 2 == 1)
     valid = rules.valid_customers(_parsed(page))
     if valid is None:  # a NUL character: such a page goes the long way, where it is rejected
         assert "\\u0000" in json.dumps(page)
         event("a NUL character")
         return
+    _assert_extra_texts_are_json_text(valid)
+
+
+def _customers_with(extras: list[dict[str, Any]], *,
+                    first: Callable[[int], bool]) -> list[dict[str, Any]]:
+    """A page of customers, the nth with the fields extras[n] beyond the declared ones,
+    before them where `first(n)`, after them elsewhere."""
+    page = []
+    for number, extra in enumerate(extras):
+        record = make_customer(number)
+        del record["loyalty_tier"]
+        page.append({**extra, **record} if first(number) else {**record, **extra})
+    return page
+
+
+def _assert_extra_texts_are_json_text(valid: rules.ValidCustomers) -> None:
     as_text, as_dict = forms.extra_texts(), rules.extra_fields()
     for record, sent in zip(valid.records, valid.sent, strict=True):
         assert as_text(record, sent) == protocol.json_text(as_dict(record, sent))
@@ -361,17 +374,11 @@ def test_the_extra_fields_text_is_right_when_records_share_their_extra_field(
     """As above, with the extra fields' names drawn from a few, so that a record's one
     extra field is often the one of the record before (which extra_texts then knows
     without its keys' layout), or was, or is one of two."""
-    page = []
-    for number, extra in enumerate(pages):
-        record = make_customer(number)
-        del record["loyalty_tier"]
-        page.append({**extra, **record} if number % 3 == 1 else {**record, **extra})
-    valid = rules.valid_customers(_parsed(page))
+    valid = rules.valid_customers(_parsed(_customers_with(
+        pages, first=lambda number: number % 3 == 1)))
     assume(valid is not None)  # a NUL character: the long way (the test above)
     assert valid is not None
-    as_text, as_dict = forms.extra_texts(), rules.extra_fields()
-    for record, sent in zip(valid.records, valid.sent, strict=True):
-        assert as_text(record, sent) == protocol.json_text(as_dict(record, sent))
+    _assert_extra_texts_are_json_text(valid)
 
 
 @settings(max_examples=400)

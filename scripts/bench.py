@@ -3,7 +3,7 @@
 Usage: scripts/bench [--records N] [--repeat R] [--page-sizes 50,500] [--no-postgres]
                      [--modes page,cursor] [--tenants T] [--concurrency C]
                      [--prefetch P] [--parallel-pages 1,4] [--processes 1,2]
-                     [--fetch-process off,on] [--latency-ms MS] [--dlt]
+                     [--fetch-process off,on] [--latency-ms MS] [--dlt] [--no-many]
 
 Every measurement is a whole process (interpreter start included), timed from spawn to
 exit, peak RSS from wait4; each is repeated and the median reported. Repeats are
@@ -11,6 +11,9 @@ interleaved: each round runs every configuration once, so a slow spell of a shar
 machine hits them all alike. A fast tenant server with pre-rendered pages runs in a
 process of its own. With --dlt, dlt's rest_api source loads the same pages into the same
 kind of store (merge on customer_id), from a venv of its own (.venv-dlt, made on first use).
+With one tenant (the default), the run ends with issue #5's many-tenant target: 100 tenants
+x 2,000 customers from a second server, against the table's single-tenant figure and
+against one tenant of 200,000 (--no-many leaves it out).
 """
 
 from __future__ import annotations
@@ -332,6 +335,9 @@ def main() -> int:
     parser.add_argument("--modes", default="page", help="page,cursor")
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--tenants", type=int, default=1, help="tenants, records each")
+    parser.add_argument("--no-many", action="store_true",
+                        help=f"leave out the many-tenant target ({MANY_TENANTS} tenants x "
+                        f"{MANY_RECORDS:,} customers), measured by default with one tenant")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--prefetch", type=int, default=None)
     parser.add_argument("--parallel-pages", default="1",
@@ -402,19 +408,107 @@ def bench(args: argparse.Namespace, sizes: list[int]) -> int:
     stores = ["sqlite"] + ([] if args.no_postgres else ["postgres"])
     total = args.records * args.tenants
     results: list[dict[str, Any]] = []
+    many: list[dict[str, Any]] = []
+    servers = [server]
     try:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             for size in sizes:
                 results += _bench_size(me, url, folder, size, stores, total, args)
+            if args.tenants == 1 and not args.no_many and not args.latency_ms:
+                servers.append(_serve_many(me, args))
+                assert servers[-1].stdout is not None
+                many_url = servers[-1].stdout.readline().strip()
+                for size in sizes:
+                    many += _bench_many(many_url, folder, size, stores, args)
             floors = _floors(me, folder, sizes, args) if args.floors else {}
     finally:
-        server.terminate()
-        server.wait()
+        for running in servers:
+            running.terminate()
+            running.wait()
     _print(results, args, total)
+    if many:
+        _print_many(many, results)
     if floors:
         _print_floors(floors, results, total)
     return 0
+
+
+# ---------------------------------------------------------------- the many-tenant target
+MANY_TENANTS = 100
+MANY_RECORDS = 2_000
+MANY = f"puller pull, {MANY_TENANTS} tenants x {MANY_RECORDS:,}, fetch process"
+MANY_SOLO = f"puller pull, one tenant of {MANY_TENANTS * MANY_RECORDS:,}, fetch process"
+
+
+def _serve_many(me: list[str], args: argparse.Namespace) -> subprocess.Popen[str]:
+    """A second tenant server: MANY_TENANTS tenants of MANY_RECORDS customers (b0, b1, …),
+    and one tenant ("solo") holding as many customers as all of them."""
+    return subprocess.Popen([*me, "--role", "serve", "--records", str(MANY_RECORDS),
+                             "--tenants", str(MANY_TENANTS), "--page-sizes", args.page_sizes],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def _bench_many(url: str, folder: Path, size: int, stores: list[str],
+                args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Issue #5's many-tenant target at this page size, in each store: MANY_TENANTS tenants
+    pulled by one worker (`--concurrency`, one process, --fetch-process: the configuration
+    that meets the ratio targets), and one tenant holding as many records pulled the same
+    way; repeats interleaved, the stores settled between runs, as _bench_size does."""
+    total = MANY_TENANTS * MANY_RECORDS
+    plan: list[tuple[str, str, Callable[[], Sample | None]]] = []
+    for store_kind in stores:
+        plan += [
+            (MANY, store_kind, _puller(
+                url, folder, size, store_kind, total, args, mode="page", parallel=1,
+                tenants=MANY_TENANTS, options=["--concurrency", str(args.concurrency),
+                                               "--processes", "1", "--fetch-process"])),
+            (MANY_SOLO, store_kind, _puller(
+                url, folder, size, store_kind, total, args, mode="page", parallel=1,
+                tenants=1, names=["solo"], options=["--fetch-process"]))]
+    samples: dict[int, list[Sample]] = {index: [] for index in range(len(plan))}
+    for _ in range(args.repeat):
+        for index, (_, _, measure) in enumerate(plan):
+            sample = measure()
+            if sample is not None:
+                samples[index].append(sample)
+            _settle(stores)
+    return [_row(what, store, size, total, samples[index])
+            for index, (what, store, _) in enumerate(plan) if samples[index]]
+
+
+def _print_many(many: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """The many-tenant rows, and the target judged two ways: as issue #5 words it, against
+    the single-tenant figure of this run's table (one tenant of --records); and like for
+    like, against one tenant holding as many records as the hundred, whose start-up is
+    spread over as many records."""
+    print(f"\n{MANY_TENANTS} tenants x {MANY_RECORDS:,} customers, one worker (--concurrency, "
+          f"--processes 1, --fetch-process), median of the repeats\n")
+    wide = max(len(r["what"]) for r in many)
+    head = (f"{'what':{wide}} {'store':8} {'page':>5} {'rec/s':>9} {'pages/s':>8} "
+            f"{'RSS MiB':>8} {'CPU s':>6}")
+    print(head)
+    print("-" * len(head))
+    for r in many:
+        print(f"{r['what']:{wide}} {r['store']:8} {r['page_size']:>5} {r['rec_s']:>9,.0f} "
+              f"{r['pages_s']:>8,.0f} {r['rss_mib']:>8.0f} {r['cpu_s']:>6.2f}")
+    print()
+    for r in many:
+        if r["what"] != MANY:
+            continue
+        same = [o for o in rows if o["what"] == "puller pull (page, fetch process)"
+                and o["store"] == r["store"] and o["page_size"] == r["page_size"]]
+        if same:
+            ratio = r["rec_s"] / same[0]["rec_s"]
+            print(f"target {r['store']} page {r['page_size']}: {MANY_TENANTS} tenants' "
+                  f"aggregate ≥ the single-tenant figure (the table's, fetch process) — "
+                  f"{ratio:.2f}x {'met' if ratio >= 1 else 'NOT met'}")
+        solo = [o for o in many if o["what"] == MANY_SOLO
+                and o["store"] == r["store"] and o["page_size"] == r["page_size"]]
+        if solo:
+            ratio = r["rec_s"] / solo[0]["rec_s"]
+            print(f"  like for like, {r['store']} page {r['page_size']}: against one tenant "
+                  f"of as many records — {ratio:.2f}x {'≥' if ratio >= 1 else '<'} 1")
 
 
 def _floors(me: list[str], folder: Path, sizes: list[int],

@@ -3,7 +3,8 @@
 Usage: scripts/bench [--records N] [--repeat R] [--page-sizes 50,500] [--no-postgres]
                      [--modes page,cursor] [--tenants T] [--concurrency C]
                      [--prefetch P] [--parallel-pages 1,4] [--processes 1,2]
-                     [--fetch-process off,on] [--latency-ms MS] [--dlt] [--no-many]
+                     [--fetch-process off,on] [--latency-ms MS] [--dlt]
+                     [--no-many] [--many-tenants 100] [--many-records 2000]
 
 Every measurement is a whole process (interpreter start included), timed from spawn to
 exit, peak RSS from wait4; each is repeated and the median reported. Repeats are
@@ -289,7 +290,8 @@ def fresh_pg() -> str | None:
     except Exception as exc:
         print(f"(PostgreSQL not reachable, skipped: {type(exc).__name__})", file=sys.stderr)
         return None
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    return sa.make_url(PG_ADMIN).set(drivername="postgresql+psycopg", database=name
+                                     ).render_as_string(hide_password=False)
 
 
 def drop_pg(url: str) -> None:
@@ -336,8 +338,12 @@ def main() -> int:
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--tenants", type=int, default=1, help="tenants, records each")
     parser.add_argument("--no-many", action="store_true",
-                        help=f"leave out the many-tenant target ({MANY_TENANTS} tenants x "
-                        f"{MANY_RECORDS:,} customers), measured by default with one tenant")
+                        help="leave out the many-tenant target, measured by default with one "
+                        "tenant")
+    parser.add_argument("--many-tenants", type=int, default=100,
+                        help="tenants of the many-tenant target (issue #5: 100)")
+    parser.add_argument("--many-records", type=int, default=2_000,
+                        help="customers of each of them (issue #5: 2,000)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--prefetch", type=int, default=None)
     parser.add_argument("--parallel-pages", default="1",
@@ -428,42 +434,45 @@ def bench(args: argparse.Namespace, sizes: list[int]) -> int:
             running.wait()
     _print(results, args, total)
     if many:
-        _print_many(many, results)
+        _print_many(many, results, args)
     if floors:
         _print_floors(floors, results, total)
     return 0
 
 
 # ---------------------------------------------------------------- the many-tenant target
-MANY_TENANTS = 100
-MANY_RECORDS = 2_000
-MANY = f"puller pull, {MANY_TENANTS} tenants x {MANY_RECORDS:,}, fetch process"
-MANY_SOLO = f"puller pull, one tenant of {MANY_TENANTS * MANY_RECORDS:,}, fetch process"
+def _many_labels(args: argparse.Namespace) -> tuple[str, str]:
+    """The rows of the many tenants and of the one tenant holding as many records."""
+    total = args.many_tenants * args.many_records
+    return (f"puller pull, {args.many_tenants} tenants x {args.many_records:,}, fetch process",
+            f"puller pull, one tenant of {total:,}, fetch process")
 
 
 def _serve_many(me: list[str], args: argparse.Namespace) -> subprocess.Popen[str]:
-    """A second tenant server: MANY_TENANTS tenants of MANY_RECORDS customers (b0, b1, …),
-    and one tenant ("solo") holding as many customers as all of them."""
-    return subprocess.Popen([*me, "--role", "serve", "--records", str(MANY_RECORDS),
-                             "--tenants", str(MANY_TENANTS), "--page-sizes", args.page_sizes],
+    """A second tenant server: --many-tenants tenants of --many-records customers (b0, b1,
+    …), and one tenant ("solo") holding as many customers as all of them."""
+    return subprocess.Popen([*me, "--role", "serve", "--records", str(args.many_records),
+                             "--tenants", str(args.many_tenants), "--page-sizes",
+                             args.page_sizes],
                             stdout=subprocess.PIPE, text=True)
 
 
 def _bench_many(url: str, folder: Path, size: int, stores: list[str],
                 args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Issue #5's many-tenant target at this page size, in each store: MANY_TENANTS tenants
+    """Issue #5's many-tenant target at this page size, in each store: the many tenants
     pulled by one worker (`--concurrency`, one process, --fetch-process: the configuration
     that meets the ratio targets), and one tenant holding as many records pulled the same
     way; repeats interleaved, the stores settled between runs, as _bench_size does."""
-    total = MANY_TENANTS * MANY_RECORDS
+    total = args.many_tenants * args.many_records
+    many, solo = _many_labels(args)
     plan: list[tuple[str, str, Callable[[], Sample | None]]] = []
     for store_kind in stores:
         plan += [
-            (MANY, store_kind, _puller(
+            (many, store_kind, _puller(
                 url, folder, size, store_kind, total, args, mode="page", parallel=1,
-                tenants=MANY_TENANTS, options=["--concurrency", str(args.concurrency),
+                tenants=args.many_tenants, options=["--concurrency", str(args.concurrency),
                                                "--processes", "1", "--fetch-process"])),
-            (MANY_SOLO, store_kind, _puller(
+            (solo, store_kind, _puller(
                 url, folder, size, store_kind, total, args, mode="page", parallel=1,
                 tenants=1, names=["solo"], options=["--fetch-process"]))]
     samples: dict[int, list[Sample]] = {index: [] for index in range(len(plan))}
@@ -477,12 +486,15 @@ def _bench_many(url: str, folder: Path, size: int, stores: list[str],
             for index, (what, store, _) in enumerate(plan) if samples[index]]
 
 
-def _print_many(many: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+def _print_many(many: list[dict[str, Any]], rows: list[dict[str, Any]],
+                args: argparse.Namespace) -> None:
     """The many-tenant rows, and the target judged two ways: as issue #5 words it, against
     the single-tenant figure of this run's table (one tenant of --records); and like for
     like, against one tenant holding as many records as the hundred, whose start-up is
     spread over as many records."""
-    print(f"\n{MANY_TENANTS} tenants x {MANY_RECORDS:,} customers, one worker (--concurrency, "
+    label, solo_label = _many_labels(args)
+    print(f"\n{args.many_tenants} tenants x {args.many_records:,} customers, one worker "
+          f"(--concurrency {args.concurrency}, "
           f"--processes 1, --fetch-process), median of the repeats\n")
     wide = max(len(r["what"]) for r in many)
     head = (f"{'what':{wide}} {'store':8} {'page':>5} {'rec/s':>9} {'pages/s':>8} "
@@ -494,16 +506,16 @@ def _print_many(many: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
               f"{r['pages_s']:>8,.0f} {r['rss_mib']:>8.0f} {r['cpu_s']:>6.2f}")
     print()
     for r in many:
-        if r["what"] != MANY:
+        if r["what"] != label:
             continue
         same = [o for o in rows if o["what"] == "puller pull (page, fetch process)"
                 and o["store"] == r["store"] and o["page_size"] == r["page_size"]]
         if same:
             ratio = r["rec_s"] / same[0]["rec_s"]
-            print(f"target {r['store']} page {r['page_size']}: {MANY_TENANTS} tenants' "
+            print(f"target {r['store']} page {r['page_size']}: {args.many_tenants} tenants' "
                   f"aggregate ≥ the single-tenant figure (the table's, fetch process) — "
                   f"{ratio:.2f}x {'met' if ratio >= 1 else 'NOT met'}")
-        solo = [o for o in many if o["what"] == MANY_SOLO
+        solo = [o for o in many if o["what"] == solo_label
                 and o["store"] == r["store"] and o["page_size"] == r["page_size"]]
         if solo:
             ratio = r["rec_s"] / solo[0]["rec_s"]

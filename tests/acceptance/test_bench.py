@@ -1,0 +1,40 @@
+"""`scripts/bench` (issue #5) end to end, shrunk: every row and target line it prints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_prints_every_row_and_target_in_one_run(pg_admin: sa.Engine) -> None:
+    """One run measures the single-tenant rows into both stores and the many-tenant
+    target; the bench verifies each stored count itself and exits non-zero otherwise."""
+    admin_url = pg_admin.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--records", "600",
+         "--page-sizes", "50", "--repeat", "1", "--many-tenants", "3",
+         "--many-records", "100"],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PULLER_BENCH_PG_URL": admin_url})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for store in ("sqlite", "postgres"):
+        for what in ("sequential loop + upsert + commit", "puller pull (page)",
+                     "puller pull (page, fetch process)",
+                     "puller pull, 3 tenants x 100, fetch process",
+                     "puller pull, one tenant of 300, fetch process"):
+            assert any(line.startswith(what) and f" {store} " in line
+                       for line in out.splitlines()), f"no row {what!r} for {store}:\n{out}"
+    assert "plain httpx loop (fetch + parse)" in out
+    for target in ("target SQLite page 50: puller pull (page, fetch process) ≥ 0.6x",
+                   "target PostgreSQL page 50: puller pull (page, fetch process) ≥ 1.5x",
+                   "target sqlite page 50: 3 tenants' aggregate ≥ the single-tenant figure",
+                   "target postgres page 50: 3 tenants' aggregate ≥ the single-tenant figure",
+                   "like for like, sqlite page 50: against one tenant of as many records"):
+        assert target in out, f"no line {target!r}:\n{out}"

@@ -470,8 +470,9 @@ def _bench_many(url: str, folder: Path, size: int, stores: list[str],
         plan += [
             (many, store_kind, _puller(
                 url, folder, size, store_kind, total, args, mode="page", parallel=1,
-                tenants=args.many_tenants, options=["--concurrency", str(args.concurrency),
-                                               "--processes", "1", "--fetch-process"])),
+                tenants=args.many_tenants,
+                options=["--concurrency", str(args.concurrency), "--processes", "1",
+                         "--fetch-process"])),
             (solo, store_kind, _puller(
                 url, folder, size, store_kind, total, args, mode="page", parallel=1,
                 tenants=1, names=["solo"], options=["--fetch-process"]))]

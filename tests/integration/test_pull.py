@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from puller import pipeline, records, schema
-from puller.config import TenantConfig
+from puller.config import PullerConfig, TenantConfig
 from puller.domain import Checkpoint, Scope
 from puller.records import validate_page
 from puller.store import Store
@@ -765,3 +765,31 @@ async def test_a_cancelled_pull_ends_after_every_sweep_recorded_its_run(
     with pytest.raises(asyncio.CancelledError):
         await pulling
     assert sorted(recorded) == ["customer", "product"]
+
+
+@BACKENDS
+async def test_a_tenant_that_hangs_holds_only_its_own_slot(
+    tenant_server: TenantServer, tenant_id: str, store: Store, store_url: str
+) -> None:
+    """Issue #5: no tenant waits for another to finish. Two slots, four tenants: the first
+    tenant's server hangs on its first page, holding one slot; the other three are pulled
+    whole, one after another, through the other slot meanwhile."""
+    hang, *others = [f"{tenant_id}{name}" for name in ("hang", "a", "b", "c")]
+    add_dataset(tenant_server, hang, customers=5)
+    for tenant in others:
+        add_dataset(tenant_server, tenant, customers=30)
+    tenant_server.fail_next(hang, "customers", Fault(delay_s=2.5))
+    config = PullerConfig.model_validate({
+        "store": store_url, "allow_private_networks": True,
+        "tenants": [{"id": tenant, "shop": f"{tenant}.example.com",
+                     "callbacks": {"customer": {"url": f"{tenant_server.url}/{tenant}/customers",
+                                                "page_size": 10}}}
+                    for tenant in (hang, *others)],
+    })
+    results = await pull(config, store, concurrency=2)
+    assert [(r.tenant, r.status) for r in results] == [
+        (tenant, "succeeded") for tenant in (hang, *others)]
+    finished = {tenant: run_rows(store, tenant)[0]["finished_at"] for tenant in (hang, *others)}
+    assert all(len(rows(store, schema.customers, tenant)) == 30 for tenant in others)
+    # The three finished while the first still waited for its page (2.5 s).
+    assert all((finished[hang] - finished[tenant]).total_seconds() > 1.5 for tenant in others)

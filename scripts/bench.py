@@ -5,6 +5,7 @@ Usage: scripts/bench [--records N] [--repeat R] [--page-sizes 50,500] [--no-post
                      [--prefetch P] [--parallel-pages 1,4] [--processes 1,2]
                      [--fetch-process off,on] [--latency-ms MS] [--dlt]
                      [--no-many] [--many-tenants 100] [--many-records 2000]
+                     [--scope customer|order]
 
 Every measurement is a whole process (interpreter start included), timed from spawn to
 exit, peak RSS from wait4; each is repeated and the median reported. Repeats are
@@ -55,14 +56,17 @@ def _render_pages(records: list[dict[str, Any]], size: int) -> tuple[list[bytes]
     return pages, cursor_pages
 
 
-def serve(records: int, tenants: int, sizes: list[int], latency_s: float = 0.0) -> None:
-    """Serve pre-rendered customer pages at /{tenant}/customers for every tenant."""
-    from puller.tenant_server import make_customer
+def serve(records: int, tenants: int, sizes: list[int], latency_s: float = 0.0,
+          scope: str = "customer") -> None:
+    """Serve pre-rendered pages of the scope's records (tenant_server's make_customer or
+    make_order) for every tenant, at /{tenant}/{scope}s."""
+    from puller import tenant_server
 
-    people = [make_customer(i) for i in range(records)]
+    make = tenant_server.make_order if scope == "order" else tenant_server.make_customer
+    people = [make(i) for i in range(records)]
     rendered = {size: _render_pages(people, size) for size in sizes}
     # With several tenants, "solo" serves all their records as one tenant, to compare.
-    everyone = people if tenants == 1 else [make_customer(i) for i in range(records * tenants)]
+    everyone = people if tenants == 1 else [make(i) for i in range(records * tenants)]
     solo = {size: _render_pages(everyone, size) for size in sizes} if tenants > 1 else rendered
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -108,7 +112,7 @@ def _lookup(rendered: dict[int, tuple[list[bytes], list[bytes]]], target: str) -
 
 
 # ---------------------------------------------------------------- the baselines
-def plain(url: str, size: int, tenants: int) -> None:
+def plain(url: str, size: int, tenants: int, scope: str = "customer") -> None:
     """The client's limit: a plain httpx loop, fetch + parse JSON, nothing else."""
     import httpx
     import orjson
@@ -118,7 +122,7 @@ def plain(url: str, size: int, tenants: int) -> None:
         for t in range(tenants):
             page = 1
             while True:
-                response = http.post(f"{url}/b{t}/customers",
+                response = http.post(f"{url}/b{t}/{scope}s",
                                      params={"page": page, "page_size": size},
                                      content=b'{"shop": "bench.example.com"}')
                 doc = orjson.loads(response.content)
@@ -129,7 +133,7 @@ def plain(url: str, size: int, tenants: int) -> None:
     print(count)
 
 
-def naive(url: str, size: int, store: str) -> None:
+def naive(url: str, size: int, store: str, scope: str = "customer") -> None:
     """Fetch, then upsert and commit each page, sequentially, with no validation at all."""
     import httpx
     import orjson
@@ -137,23 +141,24 @@ def naive(url: str, size: int, store: str) -> None:
 
     engine = sa.create_engine(store)
     meta = sa.MetaData()
-    table = sa.Table("naive_customers", meta, sa.Column("customer_id", sa.String, primary_key=True),
+    key = f"{scope}_id"
+    table = sa.Table(f"naive_{scope}s", meta, sa.Column("id", sa.String, primary_key=True),
                      sa.Column("doc", sa.Text), sa.Column("lmd", sa.String))
     meta.create_all(engine)
     from sqlalchemy.dialects import postgresql, sqlite
 
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     stmt = dialect.insert(table)
-    stmt = stmt.on_conflict_do_update(index_elements=[table.c.customer_id],
+    stmt = stmt.on_conflict_do_update(index_elements=[table.c.id],
                                       set_={"doc": stmt.excluded.doc, "lmd": stmt.excluded.lmd},
                                       where=table.c.lmd < stmt.excluded.lmd)
     count, page = 0, 1
     with httpx.Client() as http:
         while True:
-            response = http.post(f"{url}/b0/customers", params={"page": page, "page_size": size},
+            response = http.post(f"{url}/b0/{scope}s", params={"page": page, "page_size": size},
                                  content=b'{"shop": "bench.example.com"}')
             doc = orjson.loads(response.content)
-            rows = [{"customer_id": r["customer_id"], "doc": orjson.dumps(r).decode(),
+            rows = [{"id": r[key], "doc": orjson.dumps(r).decode(),
                      "lmd": r["last_modified_date"]} for r in doc["data"]]
             with engine.begin() as conn:
                 conn.execute(stmt, rows)
@@ -315,12 +320,12 @@ def count_stored(store: str, table: str) -> int:
 
 def puller_config(folder: Path, url: str, store: str, size: int, tenants: int,
                   mode: str, prefetch: int | None, parallel: int = 1, *,
-                  names: list[str] | None = None) -> Path:
+                  names: list[str] | None = None, scope: str = "customer") -> Path:
     path = folder / f"bench-{uuid.uuid4().hex[:6]}.yaml"
     lines = [f"store: {store}", "allow_private_networks: true", "tenants:"]
     for name in names or [f"b{t}" for t in range(tenants)]:
         lines += [f"  - id: {name}", "    shop: bench.example.com", "    callbacks:",
-                  f"      customer: {{url: '{url}/{name}/customers', pagination: {mode}, "
+                  f"      {scope}: {{url: '{url}/{name}/{scope}s', pagination: {mode}, "
                   f"page_size: {size}, max_pages: 1000000"
                   + (f", prefetch: {prefetch}" if prefetch is not None else "")
                   + (f", parallel_pages: {parallel}" if parallel > 1 else "") + "}"]
@@ -337,6 +342,8 @@ def main() -> int:
     parser.add_argument("--modes", default="page", help="page,cursor")
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--tenants", type=int, default=1, help="tenants, records each")
+    parser.add_argument("--scope", choices=("customer", "order"), default="customer",
+                        help="what the tenants serve and puller pulls (issue #5: customer)")
     parser.add_argument("--no-many", action="store_true",
                         help="leave out the many-tenant target, measured by default with one "
                         "tenant")
@@ -368,11 +375,14 @@ def main() -> int:
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.scope != "customer" and (args.dlt or args.floors):
+        parser.error("--dlt and --floors measure customers only: leave out --scope order")
     sizes = [int(s) for s in args.page_sizes.split(",")]
     roles: dict[str, Callable[[], object]] = {  # what the bench runs in processes of its own
-        "serve": lambda: serve(args.records, args.tenants, sizes, args.latency_ms / 1000),
-        "plain": lambda: plain(args.url, args.size, args.tenants),
-        "naive": lambda: naive(args.url, args.size, args.store),
+        "serve": lambda: serve(args.records, args.tenants, sizes, args.latency_ms / 1000,
+                               args.scope),
+        "plain": lambda: plain(args.url, args.size, args.tenants, args.scope),
+        "naive": lambda: naive(args.url, args.size, args.store, args.scope),
         "sqlite-alone": lambda: sqlite_alone(args.records, args.size, args.folder),
         "imports": _pull_imports,
         "dlt": lambda: dlt_load(args.url, args.size, args.store, args.folder),
@@ -398,7 +408,7 @@ def _pull_imports() -> None:
 
 
 def bench(args: argparse.Namespace, sizes: list[int]) -> int:
-    me = [sys.executable, str(Path(__file__).resolve())]
+    me = [sys.executable, str(Path(__file__).resolve()), "--scope", args.scope]
     # puller as installed: pip byte-compiles a package it installs, but the editable install
     # of .venv under PYTHONDONTWRITEBYTECODE (set on this project's machines) would compile
     # puller's modules from source in every process, ~0.07 s of CPU a start-up, which the
@@ -494,7 +504,7 @@ def _print_many(many: list[dict[str, Any]], rows: list[dict[str, Any]],
     like, against one tenant holding as many records as the hundred, whose start-up is
     spread over as many records."""
     label, solo_label = _many_labels(args)
-    print(f"\n{args.many_tenants} tenants x {args.many_records:,} customers, one worker "
+    print(f"\n{args.many_tenants} tenants x {args.many_records:,} {args.scope}s, one worker "
           f"(--concurrency {args.concurrency}, "
           f"--processes 1, --fetch-process), median of the repeats\n")
     wide = max(len(r["what"]) for r in many)
@@ -596,7 +606,7 @@ def _store_plan(me: list[str], url: str, folder: Path, size: int, store_kind: st
     plan: list[tuple[str, str, Callable[[], Sample | None]]] = []
     if args.tenants == 1:  # the baselines load one tenant
         plan.append(("sequential loop + upsert + commit", store_kind,
-                     _naive(me, url, folder, size, store_kind, total)))
+                     _naive(me, url, folder, size, store_kind, total, args.scope)))
         plan += [("dlt rest_api → store (merge)", store_kind,
                   _dlt(url, folder, size, store_kind, total))] if args.dlt else []
     processes = args.processes or ("1,2" if args.tenants > 1 else "1")
@@ -636,17 +646,17 @@ def _puller(url: str, folder: Path, size: int, store_kind: str, total: int,
         if store is None:
             return None
         config = puller_config(folder, url, store, size, tenants, mode, args.prefetch,
-                               parallel, names=names)
+                               parallel, names=names, scope=args.scope)
         sample = run([sys.executable, "-m", "puller", "--log-level", "warning", "pull",
                       "--config", str(config), *options])
-        _verify(store, "customers", total)
+        _verify(store, f"{args.scope}s", total)
         _dispose(store)
         return sample
     return measure
 
 
 def _naive(me: list[str], url: str, folder: Path, size: int, store_kind: str,
-           total: int) -> Callable[[], Sample | None]:
+           total: int, scope: str) -> Callable[[], Sample | None]:
     """The sequential fetch-then-store loop, no validation (one tenant only)."""
     def measure() -> Sample | None:
         store = _store(store_kind, folder)
@@ -654,7 +664,7 @@ def _naive(me: list[str], url: str, folder: Path, size: int, store_kind: str,
             return None
         sample = run([*me, "--role", "naive", "--url", url, "--size", str(size),
                       "--store", store])
-        _verify(store, "naive_customers", total)
+        _verify(store, f"naive_{scope}s", total)
         _dispose(store)
         return sample
     return measure
@@ -730,7 +740,7 @@ def _row(what: str, store: str, size: int, total: int,
 
 
 def _print(rows: list[dict[str, Any]], args: argparse.Namespace, total: int) -> None:
-    print(f"\n{total:,} customers ({args.tenants} tenant(s)), median of {args.repeat}, "
+    print(f"\n{total:,} {args.scope}s ({args.tenants} tenant(s)), median of {args.repeat}, "
           f"whole processes; ratio = puller ÷ plain httpx loop at the same page size; CPU s = "
           f"user + system seconds of the process and its own (puller's fetch process), not "
           f"the tenant server's; two cores give at most 2 CPU s a second\n")
@@ -743,6 +753,9 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace, total: int) -> 
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else ""
         print(f"{r['what']:{wide}} {r['store']:8} {r['page_size']:>5} {r['rec_s']:>9,.0f} "
               f"{r['pages_s']:>8,.0f} {r['rss_mib']:>8.0f} {r['cpu_s']:>6.2f} {ratio:>6}")
+    if args.scope != "customer":
+        print(f"\n(issue #5's targets are set for customers; below, its ratios for "
+              f"{args.scope}s)")
     _targets(rows, args.latency_ms)
 
 

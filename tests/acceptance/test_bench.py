@@ -38,3 +38,18 @@ def test_bench_prints_every_row_and_target_in_one_run(pg_admin: sa.Engine) -> No
                    "target postgres page 50: 3 tenants' aggregate ≥ the single-tenant figure",
                    "like for like, sqlite page 50: against one tenant of as many records"):
         assert target in out, f"no line {target!r}:\n{out}"
+
+
+def test_bench_pulls_orders_too(pg_admin: sa.Engine) -> None:
+    """--scope order: the same rows for orders, each stored count verified by the bench."""
+    admin_url = pg_admin.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--scope", "order",
+         "--records", "300", "--page-sizes", "50", "--repeat", "1", "--no-many"],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PULLER_BENCH_PG_URL": admin_url})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "300 orders (1 tenant(s))" in done.stdout
+    for store in ("sqlite", "postgres"):
+        assert any(line.startswith("puller pull (page, fetch process)") and f" {store} " in line
+                   for line in done.stdout.splitlines()), done.stdout

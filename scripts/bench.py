@@ -415,12 +415,7 @@ def bench(args: argparse.Namespace, sizes: list[int]) -> int:
     # baselines' packages (all installed) do not pay.
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "src" / "puller")],
                    check=True)
-    server = subprocess.Popen([*me, "--role", "serve", "--records", str(args.records),
-                               "--tenants", str(args.tenants), "--page-sizes", args.page_sizes,
-                               "--latency-ms", str(args.latency_ms)],
-                              stdout=subprocess.PIPE, text=True)
-    assert server.stdout is not None
-    url = server.stdout.readline().strip()
+    server, url = _serve(me, args, args.records, args.tenants)
     stores = ["sqlite"] + ([] if args.no_postgres else ["postgres"])
     total = args.records * args.tenants
     results: list[dict[str, Any]] = []
@@ -432,9 +427,10 @@ def bench(args: argparse.Namespace, sizes: list[int]) -> int:
             for size in sizes:
                 results += _bench_size(me, url, folder, size, stores, total, args)
             if args.tenants == 1 and not args.no_many and not args.latency_ms:
-                servers.append(_serve_many(me, args))
-                assert servers[-1].stdout is not None
-                many_url = servers[-1].stdout.readline().strip()
+                # A second tenant server: --many-tenants tenants of --many-records records
+                # (b0, b1, …), and one tenant ("solo") holding as many as all of them.
+                many_server, many_url = _serve(me, args, args.many_records, args.many_tenants)
+                servers.append(many_server)
                 for size in sizes:
                     many += _bench_many(many_url, folder, size, stores, args)
             floors = _floors(me, folder, sizes, args) if args.floors else {}
@@ -458,13 +454,15 @@ def _many_labels(args: argparse.Namespace) -> tuple[str, str]:
             f"puller pull, one tenant of {total:,}, fetch process")
 
 
-def _serve_many(me: list[str], args: argparse.Namespace) -> subprocess.Popen[str]:
-    """A second tenant server: --many-tenants tenants of --many-records customers (b0, b1,
-    …), and one tenant ("solo") holding as many customers as all of them."""
-    return subprocess.Popen([*me, "--role", "serve", "--records", str(args.many_records),
-                             "--tenants", str(args.many_tenants), "--page-sizes",
-                             args.page_sizes],
-                            stdout=subprocess.PIPE, text=True)
+def _serve(me: list[str], args: argparse.Namespace, records: int, tenants: int
+           ) -> tuple[subprocess.Popen[str], str]:
+    """A fast tenant server in a process of its own (the `serve` role), and its URL."""
+    server = subprocess.Popen([*me, "--role", "serve", "--records", str(records),
+                               "--tenants", str(tenants), "--page-sizes", args.page_sizes,
+                               "--latency-ms", str(args.latency_ms)],
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    return server, server.stdout.readline().strip()
 
 
 def _bench_many(url: str, folder: Path, size: int, stores: list[str],
@@ -475,7 +473,7 @@ def _bench_many(url: str, folder: Path, size: int, stores: list[str],
     way; repeats interleaved, the stores settled between runs, as _bench_size does."""
     total = args.many_tenants * args.many_records
     many, solo = _many_labels(args)
-    plan: list[tuple[str, str, Callable[[], Sample | None]]] = []
+    plan: Plan = []
     for store_kind in stores:
         plan += [
             (many, store_kind, _puller(
@@ -486,15 +484,7 @@ def _bench_many(url: str, folder: Path, size: int, stores: list[str],
             (solo, store_kind, _puller(
                 url, folder, size, store_kind, total, args, mode="page", parallel=1,
                 tenants=1, names=["solo"], options=["--fetch-process"]))]
-    samples: dict[int, list[Sample]] = {index: [] for index in range(len(plan))}
-    for _ in range(args.repeat):
-        for index, (_, _, measure) in enumerate(plan):
-            sample = measure()
-            if sample is not None:
-                samples[index].append(sample)
-            _settle(stores)
-    return [_row(what, store, size, total, samples[index])
-            for index, (what, store, _) in enumerate(plan) if samples[index]]
+    return _measure(plan, stores, size, total, args.repeat)
 
 
 def _print_many(many: list[dict[str, Any]], rows: list[dict[str, Any]],
@@ -507,14 +497,7 @@ def _print_many(many: list[dict[str, Any]], rows: list[dict[str, Any]],
     print(f"\n{args.many_tenants} tenants x {args.many_records:,} {args.scope}s, one worker "
           f"(--concurrency {args.concurrency}, "
           f"--processes 1, --fetch-process), median of the repeats\n")
-    wide = max(len(r["what"]) for r in many)
-    head = (f"{'what':{wide}} {'store':8} {'page':>5} {'rec/s':>9} {'pages/s':>8} "
-            f"{'RSS MiB':>8} {'CPU s':>6}")
-    print(head)
-    print("-" * len(head))
-    for r in many:
-        print(f"{r['what']:{wide}} {r['store']:8} {r['page_size']:>5} {r['rec_s']:>9,.0f} "
-              f"{r['pages_s']:>8,.0f} {r['rss_mib']:>8.0f} {r['cpu_s']:>6.2f}")
+    _print_table(many, ratio=False)
     print()
     for r in many:
         if r["what"] != label:
@@ -571,27 +554,22 @@ def _print_floors(floors: dict[str, float], rows: list[dict[str, Any]], total: i
 
 Sample = tuple[float, float, str, float]
 """Seconds, peak RSS (MiB), output, CPU seconds."""
+Plan = list[tuple[str, str, Callable[[], Sample | None]]]
+"""What to measure: each row's label, its store, and the measurement (None: PostgreSQL not
+reachable)."""
 
 
 def _bench_size(me: list[str], url: str, folder: Path, size: int, stores: list[str],
                 total: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every configuration at this page size, repeats interleaved: round r runs each
     configuration once, so a slow spell of the shared machine hits them all alike."""
-    plan: list[tuple[str, str, Callable[[], Sample | None]]] = [(
+    plan: Plan = [(
         "plain httpx loop (fetch + parse)", "-",
         lambda: run([*me, "--role", "plain", "--url", url, "--size", str(size),
                      "--tenants", str(args.tenants)]))]
     for store_kind in stores:
         plan += _store_plan(me, url, folder, size, store_kind, total, args)
-    samples: dict[int, list[Sample]] = {index: [] for index in range(len(plan))}
-    for _ in range(args.repeat):
-        for index, (_, _, measure) in enumerate(plan):
-            sample = measure()
-            if sample is not None:  # None: PostgreSQL not reachable
-                samples[index].append(sample)
-            _settle(stores)
-    rows = [_row(what, store, size, total, samples[index])
-            for index, (what, store, _) in enumerate(plan) if samples[index]]
+    rows = _measure(plan, stores, size, total, args.repeat)
     plain_rate = rows[0]["rec_s"]
     for row in rows:
         if row["what"].startswith("puller pull (") and row["store"] != "-":
@@ -599,11 +577,27 @@ def _bench_size(me: list[str], url: str, folder: Path, size: int, stores: list[s
     return rows
 
 
+def _measure(plan: Plan, stores: list[str], size: int, total: int, repeat: int
+             ) -> list[dict[str, Any]]:
+    """The plan's rows, each the median of `repeat` samples. The repeats are interleaved:
+    round r runs each measurement once, so a slow spell of the shared machine hits them
+    all alike; the stores are settled between two measurements (_settle)."""
+    samples: dict[int, list[Sample]] = {index: [] for index in range(len(plan))}
+    for _ in range(repeat):
+        for index, (_, _, measure) in enumerate(plan):
+            sample = measure()
+            if sample is not None:  # None: PostgreSQL not reachable
+                samples[index].append(sample)
+            _settle(stores)
+    return [_row(what, store, size, total, samples[index])
+            for index, (what, store, _) in enumerate(plan) if samples[index]]
+
+
 def _store_plan(me: list[str], url: str, folder: Path, size: int, store_kind: str,
                 total: int, args: argparse.Namespace,
-                ) -> list[tuple[str, str, Callable[[], Sample | None]]]:
+                ) -> Plan:
     """The configurations measured into one kind of store at one page size."""
-    plan: list[tuple[str, str, Callable[[], Sample | None]]] = []
+    plan: Plan = []
     if args.tenants == 1:  # the baselines load one tenant
         plan.append(("sequential loop + upsert + commit", store_kind,
                      _naive(me, url, folder, size, store_kind, total, args.scope)))
@@ -744,19 +738,27 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace, total: int) -> 
           f"whole processes; ratio = puller ÷ plain httpx loop at the same page size; CPU s = "
           f"user + system seconds of the process and its own (puller's fetch process), not "
           f"the tenant server's; two cores give at most 2 CPU s a second\n")
-    wide = max(38, *(len(r["what"]) for r in rows))
-    head = (f"{'what':{wide}} {'store':8} {'page':>5} {'rec/s':>9} {'pages/s':>8} "
-            f"{'RSS MiB':>8} {'CPU s':>6} {'ratio':>6}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else ""
-        print(f"{r['what']:{wide}} {r['store']:8} {r['page_size']:>5} {r['rec_s']:>9,.0f} "
-              f"{r['pages_s']:>8,.0f} {r['rss_mib']:>8.0f} {r['cpu_s']:>6.2f} {ratio:>6}")
+    _print_table(rows, min_width=38, ratio=True)
     if args.scope != "customer":
         print(f"\n(issue #5's targets are set for customers; below, its ratios for "
               f"{args.scope}s)")
     _targets(rows, args.latency_ms)
+
+
+def _print_table(rows: list[dict[str, Any]], *, ratio: bool, min_width: int = 0) -> None:
+    """The rows as a table; `ratio`: with the ratio column."""
+    wide = max(min_width, *(len(r["what"]) for r in rows))
+    head = (f"{'what':{wide}} {'store':8} {'page':>5} {'rec/s':>9} {'pages/s':>8} "
+            f"{'RSS MiB':>8} {'CPU s':>6}" + (f" {'ratio':>6}" if ratio else ""))
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        line = (f"{r['what']:{wide}} {r['store']:8} {r['page_size']:>5} {r['rec_s']:>9,.0f} "
+                f"{r['pages_s']:>8,.0f} {r['rss_mib']:>8.0f} {r['cpu_s']:>6.2f}")
+        if ratio:
+            shown = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+            line += f" {shown:>6}"
+        print(line)
 
 
 SOLO = "puller pull, one tenant of "

@@ -12,18 +12,22 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_prints_every_row_and_target_in_one_run(pg_admin: sa.Engine) -> None:
-    """One run measures the single-tenant rows into both stores and the many-tenant
-    target; the bench verifies each stored count itself and exits non-zero otherwise."""
+def _bench(pg_admin: sa.Engine, *options: str) -> str:
+    """scripts/bench with these options, against the tests' PostgreSQL: what it printed."""
     admin_url = pg_admin.url.set(drivername="postgresql").render_as_string(hide_password=False)
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--records", "600",
-         "--page-sizes", "50", "--repeat", "1", "--many-tenants", "3",
-         "--many-records", "100"],
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), *options],
         capture_output=True, text=True, timeout=300, check=False,
         env={**os.environ, "PULLER_BENCH_PG_URL": admin_url})
     assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
+    return done.stdout
+
+
+def test_bench_prints_every_row_and_target_in_one_run(pg_admin: sa.Engine) -> None:
+    """One run measures the single-tenant rows into both stores and the many-tenant
+    target; the bench verifies each stored count itself and exits non-zero otherwise."""
+    out = _bench(pg_admin, "--records", "600", "--page-sizes", "50", "--repeat", "1",
+                 "--many-tenants", "3", "--many-records", "100")
     for store in ("sqlite", "postgres"):
         for what in ("sequential loop + upsert + commit", "puller pull (page)",
                      "puller pull (page, fetch process)",
@@ -42,14 +46,9 @@ def test_bench_prints_every_row_and_target_in_one_run(pg_admin: sa.Engine) -> No
 
 def test_bench_pulls_orders_too(pg_admin: sa.Engine) -> None:
     """--scope order: the same rows for orders, each stored count verified by the bench."""
-    admin_url = pg_admin.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--scope", "order",
-         "--records", "300", "--page-sizes", "50", "--repeat", "1", "--no-many"],
-        capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, "PULLER_BENCH_PG_URL": admin_url})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "300 orders (1 tenant(s))" in done.stdout
+    out = _bench(pg_admin, "--scope", "order", "--records", "300", "--page-sizes", "50",
+                 "--repeat", "1", "--no-many")
+    assert "300 orders (1 tenant(s))" in out
     for store in ("sqlite", "postgres"):
         assert any(line.startswith("puller pull (page, fetch process)") and f" {store} " in line
-                   for line in done.stdout.splitlines()), done.stdout
+                   for line in out.splitlines()), out

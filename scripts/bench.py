@@ -260,27 +260,42 @@ def _dlt_python() -> str:
 
 
 # ---------------------------------------------------------------- measuring
+def _host_steal_s() -> float | None:
+    """The CPU seconds the hypervisor has given to other machines while this one's CPUs
+    wanted to run (/proc/stat's steal, all CPUs, since boot); None where it is not known."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = stat.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _reap(argv: list[str], env: dict[str, str]
-          ) -> tuple[float, float, bytes, bytes, int, float]:
-    """Seconds, peak RSS (MiB), output, errors, exit code, and CPU seconds (user + system)
+          ) -> tuple[float, float, bytes, bytes, int, float, float | None]:
+    """Seconds, peak RSS (MiB), output, errors, exit code, CPU seconds (user + system)
     of the process and of every process of its own that it waited for (puller's fetch
-    process, the --processes children)."""
+    process, the --processes children), and the host's steal seconds meanwhile."""
+    steal_before = _host_steal_s()
     started = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     out = proc.stdout.read() if proc.stdout else b""
     err = proc.stderr.read() if proc.stderr else b""
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - started
+    steal_after = _host_steal_s()
     proc.returncode = os.waitstatus_to_exitcode(status)
+    steal_s = None if steal_before is None or steal_after is None else steal_after - steal_before
     return (elapsed, usage.ru_maxrss / 1024, out, err, proc.returncode,
-            usage.ru_utime + usage.ru_stime)
+            usage.ru_utime + usage.ru_stime, steal_s)
 
 
 def run(argv: list[str], env: dict[str, str] | None = None) -> Sample:
-    elapsed, rss_mib, out, err, code, cpu_s = _reap(argv, {**os.environ, **(env or {})})
+    elapsed, rss_mib, out, err, code, cpu_s, steal_s = _reap(
+        argv, {**os.environ, **(env or {})})
     if code != 0:
         raise SystemExit(f"{' '.join(argv[:5])} failed ({code}):\n{err.decode()[-3000:]}")
-    return elapsed, rss_mib, out.decode(), cpu_s
+    return elapsed, rss_mib, out.decode(), cpu_s, steal_s
 
 
 def fresh_pg() -> str | None:
@@ -552,8 +567,8 @@ def _print_floors(floors: dict[str, float], rows: list[dict[str, Any]], total: i
         print(line)
 
 
-Sample = tuple[float, float, str, float]
-"""Seconds, peak RSS (MiB), output, CPU seconds."""
+Sample = tuple[float, float, str, float, float | None]
+"""Seconds, peak RSS (MiB), output, CPU seconds, the host's steal seconds (None: unknown)."""
 Plan = list[tuple[str, str, Callable[[], Sample | None]]]
 """What to measure: each row's label, its store, and the measurement (None: PostgreSQL not
 reachable)."""
@@ -730,14 +745,23 @@ def _row(what: str, store: str, size: int, total: int,
     return {"what": what, "store": store, "page_size": size, "seconds": seconds,
             "rec_s": total / seconds, "pages_s": pages / seconds,
             "rss_mib": max(s[1] for s in samples),
-            "cpu_s": statistics.median(s[3] for s in samples), "ratio": None}
+            "cpu_s": statistics.median(s[3] for s in samples),
+            "steal_s": _median_known([s[4] for s in samples]), "ratio": None}
+
+
+def _median_known(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
 
 
 def _print(rows: list[dict[str, Any]], args: argparse.Namespace, total: int) -> None:
     print(f"\n{total:,} {args.scope}s ({args.tenants} tenant(s)), median of {args.repeat}, "
           f"whole processes; ratio = puller ÷ plain httpx loop at the same page size; CPU s = "
           f"user + system seconds of the process and its own (puller's fetch process), not "
-          f"the tenant server's; two cores give at most 2 CPU s a second\n")
+          f"the tenant server's; two cores give at most 2 CPU s a second; steal s = CPU "
+          f"seconds the host gave to other machines while this machine's CPUs wanted to run "
+          f"(/proc/stat), a busy neighbour: it slows a pull, which keeps both cores busy, "
+          f"more than the plain loop\n")
     _print_table(rows, min_width=38, ratio=True)
     if args.scope != "customer":
         print(f"\n(issue #5's targets are set for customers; below, its ratios for "
@@ -749,12 +773,13 @@ def _print_table(rows: list[dict[str, Any]], *, ratio: bool, min_width: int = 0)
     """The rows as a table; `ratio`: with the ratio column."""
     wide = max(min_width, *(len(r["what"]) for r in rows))
     head = (f"{'what':{wide}} {'store':8} {'page':>5} {'rec/s':>9} {'pages/s':>8} "
-            f"{'RSS MiB':>8} {'CPU s':>6}" + (f" {'ratio':>6}" if ratio else ""))
+            f"{'RSS MiB':>8} {'CPU s':>6} {'steal s':>7}" + (f" {'ratio':>6}" if ratio else ""))
     print(head)
     print("-" * len(head))
     for r in rows:
         line = (f"{r['what']:{wide}} {r['store']:8} {r['page_size']:>5} {r['rec_s']:>9,.0f} "
-                f"{r['pages_s']:>8,.0f} {r['rss_mib']:>8.0f} {r['cpu_s']:>6.2f}")
+                f"{r['pages_s']:>8,.0f} {r['rss_mib']:>8.0f} {r['cpu_s']:>6.2f} "
+                f"{'-' if r['steal_s'] is None else format(r['steal_s'], '.2f'):>7}")
         if ratio:
             shown = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
             line += f" {shown:>6}"

@@ -36,6 +36,8 @@ def test_bench_prints_every_row_and_target_in_one_run(pg_admin: sa.Engine) -> No
             assert any(line.startswith(what) and f" {store} " in line
                        for line in out.splitlines()), f"no row {what!r} for {store}:\n{out}"
     assert "plain httpx loop (fetch + parse)" in out
+    heads = [line for line in out.splitlines() if line.startswith("what ")]
+    assert len(heads) == 2 and all(" CPU s steal s" in head for head in heads), out
     for target in ("target SQLite page 50: puller pull (page, fetch process) ≥ 0.6x",
                    "target PostgreSQL page 50: puller pull (page, fetch process) ≥ 1.5x",
                    "target sqlite page 50: 3 tenants' aggregate ≥ the single-tenant figure",

@@ -5,7 +5,7 @@ Usage: scripts/bench [--records N] [--repeat R] [--page-sizes 50,500] [--no-post
                      [--prefetch P] [--parallel-pages 1,4] [--processes 1,2]
                      [--fetch-process off,on] [--latency-ms MS] [--dlt]
                      [--no-many] [--many-tenants 100] [--many-records 2000]
-                     [--scope customer|order]
+                     [--scope customer|order|product]
 
 Every measurement is a whole process (interpreter start included), timed from spawn to
 exit, peak RSS from wait4; each is repeated and the median reported. Repeats are
@@ -58,11 +58,12 @@ def _render_pages(records: list[dict[str, Any]], size: int) -> tuple[list[bytes]
 
 def serve(records: int, tenants: int, sizes: list[int], latency_s: float = 0.0,
           scope: str = "customer") -> None:
-    """Serve pre-rendered pages of the scope's records (tenant_server's make_customer or
-    make_order) for every tenant, at /{tenant}/{scope}s."""
+    """Serve pre-rendered pages of the scope's records (tenant_server's make_customer,
+    make_order or make_product) for every tenant, at /{tenant}/{scope}s."""
     from puller import tenant_server
 
-    make = tenant_server.make_order if scope == "order" else tenant_server.make_customer
+    make = {"customer": tenant_server.make_customer, "order": tenant_server.make_order,
+            "product": tenant_server.make_product}[scope]
     people = [make(i) for i in range(records)]
     rendered = {size: _render_pages(people, size) for size in sizes}
     # With several tenants, "solo" serves all their records as one tenant, to compare.
@@ -357,7 +358,7 @@ def main() -> int:
     parser.add_argument("--modes", default="page", help="page,cursor")
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--tenants", type=int, default=1, help="tenants, records each")
-    parser.add_argument("--scope", choices=("customer", "order"), default="customer",
+    parser.add_argument("--scope", choices=("customer", "order", "product"), default="customer",
                         help="what the tenants serve and puller pulls (issue #5: customer)")
     parser.add_argument("--no-many", action="store_true",
                         help="leave out the many-tenant target, measured by default with one "
@@ -391,7 +392,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.scope != "customer" and (args.dlt or args.floors):
-        parser.error("--dlt and --floors measure customers only: leave out --scope order")
+        parser.error(f"--dlt and --floors measure customers only: leave out --scope "
+                     f"{args.scope}")
     sizes = [int(s) for s in args.page_sizes.split(",")]
     roles: dict[str, Callable[[], object]] = {  # what the bench runs in processes of its own
         "serve": lambda: serve(args.records, args.tenants, sizes, args.latency_ms / 1000,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,11 +47,13 @@ def test_bench_prints_every_row_and_target_in_one_run(pg_admin: sa.Engine) -> No
         assert target in out, f"no line {target!r}:\n{out}"
 
 
-def test_bench_pulls_orders_too(pg_admin: sa.Engine) -> None:
-    """--scope order: the same rows for orders, each stored count verified by the bench."""
-    out = _bench(pg_admin, "--scope", "order", "--records", "300", "--page-sizes", "50",
+@pytest.mark.parametrize("scope", ["order", "product"])
+def test_bench_pulls_orders_and_products_too(pg_admin: sa.Engine, scope: str) -> None:
+    """--scope order or product: the same rows for that scope, each stored count verified
+    by the bench."""
+    out = _bench(pg_admin, "--scope", scope, "--records", "300", "--page-sizes", "50",
                  "--repeat", "1", "--no-many")
-    assert "300 orders (1 tenant(s))" in out
+    assert f"300 {scope}s (1 tenant(s))" in out
     for store in ("sqlite", "postgres"):
         assert any(line.startswith("puller pull (page, fetch process)") and f" {store} " in line
                    for line in out.splitlines()), out

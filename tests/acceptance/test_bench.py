@@ -27,7 +27,7 @@ def _bench(pg_admin: sa.Engine, *options: str) -> str:
 def test_bench_prints_every_row_and_target_in_one_run(pg_admin: sa.Engine) -> None:
     """One run measures the single-tenant rows into both stores and the many-tenant
     target; the bench verifies each stored count itself and exits non-zero otherwise."""
-    out = _bench(pg_admin, "--records", "600", "--page-sizes", "50", "--repeat", "1",
+    out = _bench(pg_admin, "--records", "1000", "--page-sizes", "50,500", "--repeat", "1",
                  "--many-tenants", "3", "--many-records", "100")
     for store in ("sqlite", "postgres"):
         for what in ("sequential loop + upsert + commit", "puller pull (page)",
@@ -43,8 +43,15 @@ def test_bench_prints_every_row_and_target_in_one_run(pg_admin: sa.Engine) -> No
                    "target PostgreSQL page 50: puller pull (page, fetch process) ≥ 1.5x",
                    "target sqlite page 50: 3 tenants' aggregate ≥ the single-tenant figure",
                    "target postgres page 50: 3 tenants' aggregate ≥ the single-tenant figure",
-                   "like for like, sqlite page 50: against one tenant of as many records"):
+                   "like for like, sqlite page 50: against one tenant of as many records",
+                   "target SQLite page 500: puller pull (page, fetch process) ≥ 0.4x",
+                   "target PostgreSQL page 500: puller pull (page, fetch process) ≥ 1.5x"):
         assert target in out, f"no line {target!r}:\n{out}"
+    # The last line: the eight targets of the configuration meant to meet them, judged.
+    verdict = out.strip().splitlines()[-1]
+    assert verdict.startswith("issue #5's targets, pull --fetch-process, 1,000 customers and "
+                              "3 tenants x 100: "), out
+    assert "every one met in this run (8 of 8)" in verdict or " of 8 NOT met" in verdict, out
 
 
 @pytest.mark.parametrize("scope", ["order", "product"])

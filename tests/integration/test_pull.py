@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from puller import pipeline, records, schema
-from puller.config import PullerConfig, TenantConfig
+from puller.config import TenantConfig
 from puller.domain import Checkpoint, Scope
 from puller.records import validate_page
 from puller.store import Store
@@ -779,13 +779,9 @@ async def test_a_tenant_that_hangs_holds_only_its_own_slot(
     for tenant in others:
         add_dataset(tenant_server, tenant, customers=30)
     tenant_server.fail_next(hang, "customers", Fault(delay_s=2.5))
-    config = PullerConfig.model_validate({
-        "store": store_url, "allow_private_networks": True,
-        "tenants": [{"id": tenant, "shop": f"{tenant}.example.com",
-                     "callbacks": {"customer": {"url": f"{tenant_server.url}/{tenant}/customers",
-                                                "page_size": 10}}}
-                    for tenant in (hang, *others)],
-    })
+    each = [config_for(tenant_server, tenant, store=store_url,
+                       scopes={"customer": {"page_size": 10}}) for tenant in (hang, *others)]
+    config = each[0].model_copy(update={"tenants": [c.tenants[0] for c in each]})
     results = await pull(config, store, concurrency=2)
     assert [(r.tenant, r.status) for r in results] == [
         (tenant, "succeeded") for tenant in (hang, *others)]

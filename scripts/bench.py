@@ -366,7 +366,7 @@ def main() -> int:
     parser.add_argument("--many-tenants", type=int, default=100,
                         help="tenants of the many-tenant target (issue #5: 100)")
     parser.add_argument("--many-records", type=int, default=2_000,
-                        help="customers of each of them (issue #5: 2,000)")
+                        help="records of each of them (issue #5: 2,000 customers)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--prefetch", type=int, default=None)
     parser.add_argument("--parallel-pages", default="1",

@@ -13,9 +13,10 @@ interleaved: each round runs every configuration once, so a slow spell of a shar
 machine hits them all alike. A fast tenant server with pre-rendered pages runs in a
 process of its own. With --dlt, dlt's rest_api source loads the same pages into the same
 kind of store (merge on customer_id), from a venv of its own (.venv-dlt, made on first use).
-With one tenant (the default), the run ends with issue #5's many-tenant target: 100 tenants
-x 2,000 customers from a second server, against the table's single-tenant figure and
-against one tenant of 200,000 (--no-many leaves it out).
+With one tenant (the default), the run measures issue #5's many-tenant target too: 100
+tenants x 2,000 customers from a second server, in the same rounds as each page size's
+single-tenant rows, judged against the table's single-tenant figure and against one tenant
+of 200,000 (--no-many leaves it out).
 """
 
 from __future__ import annotations
@@ -439,17 +440,18 @@ def bench(args: argparse.Namespace, sizes: list[int]) -> int:
     many: list[dict[str, Any]] = []
     servers = [server]
     try:
+        many_url = None
+        if args.tenants == 1 and not args.no_many and not args.latency_ms:
+            # A second tenant server: --many-tenants tenants of --many-records records
+            # (b0, b1, …), and one tenant ("solo") holding as many as all of them.
+            many_server, many_url = _serve(me, args, args.many_records, args.many_tenants)
+            servers.append(many_server)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             for size in sizes:
-                results += _bench_size(me, url, folder, size, stores, total, args)
-            if args.tenants == 1 and not args.no_many and not args.latency_ms:
-                # A second tenant server: --many-tenants tenants of --many-records records
-                # (b0, b1, …), and one tenant ("solo") holding as many as all of them.
-                many_server, many_url = _serve(me, args, args.many_records, args.many_tenants)
-                servers.append(many_server)
-                for size in sizes:
-                    many += _bench_many(many_url, folder, size, stores, args)
+                rows = _bench_size(me, url, folder, size, stores, total, args, many_url)
+                results += [row for row in rows if row["what"] not in _many_labels(args)]
+                many += [row for row in rows if row["what"] in _many_labels(args)]
             floors = _floors(me, folder, sizes, args) if args.floors else {}
     finally:
         for running in servers:
@@ -509,12 +511,13 @@ def _serve(me: list[str], args: argparse.Namespace, records: int, tenants: int
     return server, server.stdout.readline().strip()
 
 
-def _bench_many(url: str, folder: Path, size: int, stores: list[str],
-                args: argparse.Namespace) -> list[dict[str, Any]]:
+def _many_plan(url: str, folder: Path, size: int, stores: list[str],
+               args: argparse.Namespace) -> Plan:
     """Issue #5's many-tenant target at this page size, in each store: the many tenants
     pulled by one worker (`--concurrency`, one process, --fetch-process: the configuration
     that meets the ratio targets), and one tenant holding as many records pulled the same
-    way; repeats interleaved, the stores settled between runs, as _bench_size does."""
+    way. Measured in the same rounds as the single-tenant rows they are judged against
+    (_bench_size)."""
     total = args.many_tenants * args.many_records
     many, solo = _many_labels(args)
     plan: Plan = []
@@ -528,7 +531,7 @@ def _bench_many(url: str, folder: Path, size: int, stores: list[str],
             (solo, store_kind, _puller(
                 url, folder, size, store_kind, total, args, mode="page", parallel=1,
                 tenants=1, names=["solo"], options=["--fetch-process"]))]
-    return _measure(plan, stores, size, total, args.repeat)
+    return plan
 
 
 def _print_many(many: list[dict[str, Any]], rows: list[dict[str, Any]],
@@ -609,16 +612,24 @@ reachable)."""
 
 
 def _bench_size(me: list[str], url: str, folder: Path, size: int, stores: list[str],
-                total: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+                total: int, args: argparse.Namespace, many_url: str | None = None,
+                ) -> list[dict[str, Any]]:
     """Every configuration at this page size, repeats interleaved: round r runs each
-    configuration once, so a slow spell of the shared machine hits them all alike."""
+    configuration once, so a slow spell of the shared machine hits them all alike. With
+    `many_url`, the many-tenant rows too (_many_plan), in the same rounds: they are judged
+    against this page size's single-tenant rows, so they are measured beside them, not
+    minutes later (a slow spell between the two was the verdict)."""
     plan: Plan = [(
         "plain httpx loop (fetch + parse)", "-",
         lambda: run([*me, "--role", "plain", "--url", url, "--size", str(size),
                      "--tenants", str(args.tenants)]))]
     for store_kind in stores:
         plan += _store_plan(me, url, folder, size, store_kind, total, args)
-    rows = _measure(plan, stores, size, total, args.repeat)
+    totals: dict[str, int] = {}
+    if many_url is not None:
+        plan += _many_plan(many_url, folder, size, stores, args)
+        totals = dict.fromkeys(_many_labels(args), args.many_tenants * args.many_records)
+    rows = _measure(plan, stores, size, total, args.repeat, totals=totals)
     plain_rate = rows[0]["rec_s"]
     for row in rows:
         if row["what"].startswith("puller pull (") and row["store"] != "-":
@@ -626,11 +637,12 @@ def _bench_size(me: list[str], url: str, folder: Path, size: int, stores: list[s
     return rows
 
 
-def _measure(plan: Plan, stores: list[str], size: int, total: int, repeat: int
-             ) -> list[dict[str, Any]]:
+def _measure(plan: Plan, stores: list[str], size: int, total: int, repeat: int, *,
+             totals: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """The plan's rows, each the median of `repeat` samples. The repeats are interleaved:
     round r runs each measurement once, so a slow spell of the shared machine hits them
-    all alike; the stores are settled between two measurements (_settle)."""
+    all alike; the stores are settled between two measurements (_settle). Each row loads
+    `total` records, or what `totals` says for its label."""
     samples: dict[int, list[Sample]] = {index: [] for index in range(len(plan))}
     for _ in range(repeat):
         for index, (_, _, measure) in enumerate(plan):
@@ -638,7 +650,7 @@ def _measure(plan: Plan, stores: list[str], size: int, total: int, repeat: int
             if sample is not None:  # None: PostgreSQL not reachable
                 samples[index].append(sample)
             _settle(stores)
-    return [_row(what, store, size, total, samples[index])
+    return [_row(what, store, size, (totals or {}).get(what, total), samples[index])
             for index, (what, store, _) in enumerate(plan) if samples[index]]
 
 

@@ -439,6 +439,7 @@ def bench(args: argparse.Namespace, sizes: list[int]) -> int:
     results: list[dict[str, Any]] = []
     many: list[dict[str, Any]] = []
     servers = [server]
+    many_labels = _many_labels(args)
     try:
         many_url = None
         if args.tenants == 1 and not args.no_many and not args.latency_ms:
@@ -450,8 +451,8 @@ def bench(args: argparse.Namespace, sizes: list[int]) -> int:
             folder = Path(tmp)
             for size in sizes:
                 rows = _bench_size(me, url, folder, size, stores, total, args, many_url)
-                results += [row for row in rows if row["what"] not in _many_labels(args)]
-                many += [row for row in rows if row["what"] in _many_labels(args)]
+                results += [row for row in rows if row["what"] not in many_labels]
+                many += [row for row in rows if row["what"] in many_labels]
             floors = _floors(me, folder, sizes, args) if args.floors else {}
     finally:
         for running in servers:
@@ -493,11 +494,15 @@ def _print_verdict(verdicts: list[tuple[str, bool]], args: argparse.Namespace,
 
 
 # ---------------------------------------------------------------- the many-tenant target
+def _many_total(args: argparse.Namespace) -> int:
+    """The records of the many-tenant target: all its tenants', or the one tenant's."""
+    return int(args.many_tenants * args.many_records)
+
+
 def _many_labels(args: argparse.Namespace) -> tuple[str, str]:
     """The rows of the many tenants and of the one tenant holding as many records."""
-    total = args.many_tenants * args.many_records
     return (f"puller pull, {args.many_tenants} tenants x {args.many_records:,}, fetch process",
-            f"puller pull, one tenant of {total:,}, fetch process")
+            f"puller pull, one tenant of {_many_total(args):,}, fetch process")
 
 
 def _serve(me: list[str], args: argparse.Namespace, records: int, tenants: int
@@ -518,7 +523,7 @@ def _many_plan(url: str, folder: Path, size: int, stores: list[str],
     that meets the ratio targets), and one tenant holding as many records pulled the same
     way. Measured in the same rounds as the single-tenant rows they are judged against
     (_bench_size)."""
-    total = args.many_tenants * args.many_records
+    total = _many_total(args)
     many, solo = _many_labels(args)
     plan: Plan = []
     for store_kind in stores:
@@ -628,7 +633,7 @@ def _bench_size(me: list[str], url: str, folder: Path, size: int, stores: list[s
     totals: dict[str, int] = {}
     if many_url is not None:
         plan += _many_plan(many_url, folder, size, stores, args)
-        totals = dict.fromkeys(_many_labels(args), args.many_tenants * args.many_records)
+        totals = dict.fromkeys(_many_labels(args), _many_total(args))
     rows = _measure(plan, stores, size, total, args.repeat, totals=totals)
     plain_rate = rows[0]["rec_s"]
     for row in rows:

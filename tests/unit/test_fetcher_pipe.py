@@ -49,3 +49,12 @@ async def test_control_messages_are_read_whole_however_the_pipe_splits_them(piec
     finally:
         os.close(read)
     assert got == [*messages, None]
+
+
+def test_appliers_one_on_sqlite_and_at_most_one_a_core_on_postgresql(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from puller import cli
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    assert [cli._appliers("sqlite", n) for n in (1, 8)] == [1, 1]
+    assert [cli._appliers("postgresql", n) for n in (1, 2, 8)] == [1, 2, 2]

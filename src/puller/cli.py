@@ -270,14 +270,15 @@ def _fetch_process(config: PullerConfig, jobs: Sequence[pipeline.Job], *,
 
 def _appliers(dialect: str, concurrency: int) -> int:
     """The threads that apply `--fetch-process` pages: one on SQLite, which takes one
-    writer at a time; on PostgreSQL one per concurrent sweep, at most one per core, each on
-    a connection of its own. The pages of every sweep come from one fetch process, which
-    keeps one core busy; more statements at once than cores only contend for them, in this
-    process (GIL hand-offs among the threads) and in a server on the same machine. 100
-    tenants x 2,000 customers, --concurrency 8, two cores, six interleaved A/B sets of 3-7
-    rounds on 2026-11-27: the median pull 1-13% shorter with 2 appliers than with 8 in each
-    (page size 50: 5.94 -> 5.19, 6.18 -> 5.52, 5.82 -> 5.13, 5.15 -> 5.10, 6.80 -> 6.55 s;
-    500: 3.00 -> 2.81 s), the main process's CPU 0.2-0.3 s less at page size 50."""
+    writer at a time; on PostgreSQL one per concurrent sweep, at most one per core (a page
+    is written on its run's lease connection). The pages of every sweep come from one
+    fetch process, which keeps one core busy; more statements at once than cores only
+    contend for them, in this process (GIL hand-offs among the threads) and in a server on
+    the same machine. 100 tenants x 2,000 customers, --concurrency 8, two cores, six
+    interleaved A/B sets of 3-7 rounds on 2026-11-27: the median pull 1-13% shorter with 2
+    appliers than with 8 in each (page size 50: 5.94 -> 5.19, 6.18 -> 5.52, 5.82 -> 5.13,
+    5.15 -> 5.10, 6.80 -> 6.55 s; 500: 3.00 -> 2.81 s), the main process's CPU 0.2-0.3 s
+    less at page size 50."""
     if dialect == "sqlite":
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

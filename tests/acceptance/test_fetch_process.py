@@ -112,8 +112,8 @@ def test_pages_applied_as_they_come_keep_each_runs_order_and_count(
     concurrency: int,
 ) -> None:
     """Without a commit_url the pages of every run go to shared applier threads (one on
-    SQLite; on PostgreSQL one per concurrent run, at most one per core, so that with 3 on
-    two cores two runs share one): several tenants' runs at once, invalid
+    SQLite; on PostgreSQL one per concurrent run, at most one per core: on two cores, 3
+    runs at once share two): several tenants' runs at once, invalid
     records among them, each run's pages applied in order and counted, the store equal to
     the source, orders after their customers and products."""
     data = datasets(tenant_server, tenant_id, 4)

@@ -1,5 +1,6 @@
 """The fetch process's pipes: the pages pipe holds a page of 500 customers whole; the
-control pipe is read by the event loop, each message whole however the pipe splits it."""
+control pipe is read by the event loop, each message whole however the pipe splits it. And
+how many applier threads take its pages (cli._appliers)."""
 
 from __future__ import annotations
 

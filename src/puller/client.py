@@ -313,9 +313,8 @@ class PageRequests:
         own_query = getattr(self._parsed, "query", None)
         self._head = f"{own_query}&" if own_query else ""
         built = self._built(self._PROBE)
-        parsed = httpx.URL(self._joined(self._PROBE))
-        if built is None or str(built) != str(parsed) or \
-                built._uri_reference != parsed._uri_reference:
+        if built is None or \
+                built._uri_reference != httpx.URL(self._joined(self._PROBE))._uri_reference:
             self._parsed = None
 
     @property

@@ -116,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="the long-lived worker: pull every callback on schedule")
     run.add_argument("--config", required=True, type=Path)
+    run.add_argument("--fetch-process", action="store_true",
+                     help="fetch, parse and validate every run's pages in a second process, "
+                     "so that the worker uses two cores (see README, Operations)")
     run.set_defaults(handler=_cmd_run)
 
     runs = sub.add_parser("runs", help="recent runs, newest first")
@@ -256,7 +259,7 @@ def _pull_command(args: argparse.Namespace) -> int:
 
 
 def _fetch_process(config: PullerConfig, jobs: Sequence[pipeline.Job], *,
-                   concurrency: int) -> fetcher.FetchProcess:
+                   concurrency: int, worker: bool = False) -> fetcher.FetchProcess:
     """`--fetch-process`: forked before the event loop and the store's connections."""
     from puller import fetcher  # noqa: PLC0415 - lazy, as client
 
@@ -265,7 +268,7 @@ def _fetch_process(config: PullerConfig, jobs: Sequence[pipeline.Job], *,
 
     dialect = dialect_of(config.store)
     return fetcher.FetchProcess.start(jobs, config, run_loop=run_loop, dialect=dialect,
-                                      appliers=_appliers(dialect, concurrency))
+                                      appliers=_appliers(dialect, concurrency), worker=worker)
 
 
 def _appliers(dialect: str, concurrency: int) -> int:
@@ -505,19 +508,33 @@ def _status_row(status: ScopeStatus) -> dict[str, Any]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    with _opened(args.config) as (config, store):
-        store.claim_single_worker()
-        _run_loop(_serve(config, args.config, store))
+    fetch = None
+    if args.fetch_process:
+        # Forked first, before the store, the scheduler and the ops server start threads:
+        # it lives as long as the worker, which closes it after draining its runs.
+        config = read_config(args.config)
+        jobs = [pipeline.Job(tenant=t, scope=s, trigger="schedule")
+                for t in config.tenants for s in t.callbacks]
+        fetch = _fetch_process(config, jobs, concurrency=config.worker.max_concurrent_runs,
+                               worker=True)
+    try:
+        with _opened(args.config) as (config, store):
+            store.claim_single_worker()
+            _run_loop(_serve(config, args.config, store, fetch))
+    finally:
+        if fetch is not None:
+            fetch.close()
     return EXIT_OK
 
 
-async def _serve(config: PullerConfig, path: Path, store: Store) -> None:
+async def _serve(config: PullerConfig, path: Path, store: Store,
+                 fetch: fetcher.FetchProcess | None = None) -> None:
     # Imported here: APScheduler and prometheus-client are start-up cost `pull` never needs.
     from puller import client, worker  # noqa: PLC0415 - lazy: only `run` needs them
 
     async with client.HttpClients(allow_private_networks=config.allow_private_networks) as http:
         serving = worker.Worker(config, load_config=lambda: read_config(path), store=store,
-                                http=http)
+                                http=http, fetch=fetch)
         ops = None
         if config.worker.metrics_port:
             ops = worker.OpsServer(serving, host=config.worker.metrics_host,

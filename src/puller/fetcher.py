@@ -58,7 +58,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from puller import errors, forms, logs, pipeline, records
-from puller.config import PullerConfig
+from puller.config import PullerConfig, RetryConfig
 from puller.domain import Checkpoint, Scope, ValidatedPage
 
 if TYPE_CHECKING:
@@ -94,11 +94,16 @@ class FetchProcess:
 
     @classmethod
     def start(cls, jobs: Sequence[pipeline.Job], config: PullerConfig, *,
-              run_loop: RunLoop, dialect: str, appliers: int = 1) -> FetchProcess:
-        """Fork the fetch process for these jobs; call before any thread or event loop.
+              run_loop: RunLoop, dialect: str, appliers: int = 1,
+              worker: bool = False) -> FetchProcess:
+        """Fork the fetch process; call before any thread or event loop. `jobs`: the ones
+        known now, whose HTTP clients it sets up at once (each sweep's job and retry policy
+        come with the sweep's start, so a worker's reloaded config reaches it).
         `dialect`: the store's, whose form the records are sent in (StoreRows).
         `appliers`: the threads that apply pushed sweeps' pages, each sweep's on one of
-        them: 1 for a store that takes one writer at a time (SQLite)."""
+        them: 1 for a store that takes one writer at a time (SQLite). `worker`: it serves
+        a long-lived worker, which ends it by closing the pipe after draining its runs, so
+        it ignores SIGTERM too (a service manager signals every process of the service)."""
         sys.stdout.flush()
         sys.stderr.flush()
         control_read, control_write = os.pipe()
@@ -108,13 +113,21 @@ class FetchProcess:
         if pid == 0:  # the fetch process: never returns
             os.close(control_write)
             os.close(pages_read)
-            _serve(jobs, config, control_read, pages_write, run_loop, dialect=dialect)
+            _serve(jobs, config, control_read, pages_write, run_loop, dialect=dialect,
+                   ignore_sigterm=worker)
         os.close(control_read)
         os.close(pages_write)
         logs.get_logger().info("fetch_process_started", pid=pid)
         return cls(pid, control_write, pages_read, appliers)
 
-    def feed(self, job: pipeline.Job, start: Checkpoint, run_id: int) -> pipeline.PageFeed:
+    @property
+    def ended(self) -> str | None:
+        """Why the fetch process is gone (what its sweeps were told), or None while it runs."""
+        return self._ended
+
+    def feed(self, job: pipeline.Job, start: Checkpoint, run_id: int, *,
+             retry: RetryConfig | None = None,
+             observer: client.RequestObserver | None = None) -> pipeline.PageFeed:
         """A sweep of `job` from `start`, asked of the fetch process at once, or, for a
         sweep applied as its pages come (pipeline.applied_in_thread), when it is pushed to
         (`push_to`): its pages go to an applier thread, which applies its sweeps' pages in
@@ -132,8 +145,8 @@ class FetchProcess:
         self._keys += 1
         loop = None if pipeline.applied_in_thread(job) else asyncio.get_running_loop()
         feed = self._feeds[self._keys] = _RemoteFeed(
-            self, self._keys, loop, ("start", self._keys, job.tenant.id, job.scope.value,
-                                     start, run_id))
+            self, self._keys, loop, ("start", self._keys, job, retry, start, run_id),
+            observer=observer)
         if self._ended is not None:  # a sweep asked for after the fetch process died
             feed.deliver(("error", self._ended))
         elif loop is not None:
@@ -187,7 +200,11 @@ class FetchProcess:
         while (message := _receive(self._pages)) is not None:
             key, kind, payload = message
             feed = self._feeds.get(key)
-            if feed is not None:  # else the sweep ended and dropped what was fetched ahead
+            if feed is None:  # the sweep ended and dropped what was fetched ahead
+                continue
+            if kind in _OBSERVED:
+                feed.observe(kind, payload)
+            else:
                 feed.deliver((kind, payload))
         self._end(self._gone())
 
@@ -227,8 +244,10 @@ class _RemoteFeed:
     (`push_to`), or, when `loop` is given, awaited on that event loop (`next`)."""
 
     def __init__(self, owner: FetchProcess, key: int,
-                 loop: asyncio.AbstractEventLoop | None, start: tuple[Any, ...]) -> None:
+                 loop: asyncio.AbstractEventLoop | None, start: tuple[Any, ...], *,
+                 observer: client.RequestObserver | None = None) -> None:
         self._owner = owner
+        self._observer = observer
         self.key = key
         self._loop = loop
         self._start = start
@@ -252,6 +271,16 @@ class _RemoteFeed:
             return
         with contextlib.suppress(RuntimeError):  # the loop is closed: the pull is over
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def observe(self, kind: str, status: str | None) -> None:
+        """A failed or retried request of this sweep, as the fetch process saw it; on the
+        reader thread (the observer's metrics take any thread)."""
+        if self._observer is None:
+            return
+        if kind == "failed":
+            self._observer.request_failed(status or "")
+        else:
+            self._observer.request_retried()
 
     def push_to(self, step: pipeline.Step) -> None:
         with self._lock:
@@ -294,12 +323,12 @@ def _unpack(item: tuple[str, Any]) -> pipeline.Fetched | None:
 
 # ---------------------------------------------------------------- the fetch process
 def _serve(jobs: Sequence[pipeline.Job], config: PullerConfig, control: int, pages: int,
-           run_loop: RunLoop, *, dialect: str) -> None:
+           run_loop: RunLoop, *, dialect: str, ignore_sigterm: bool = False) -> None:
     # Own process group and no Ctrl-C: the main process handles signals and ends this
     # process by closing the pipe, after recording its runs as interrupted.
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore_sigterm else signal.SIG_DFL)
     code = 0
     try:
         # Imported here, not before the fork: the main process needs no HTTP client unless
@@ -307,8 +336,7 @@ def _serve(jobs: Sequence[pipeline.Job], config: PullerConfig, control: int, pag
         from puller import client  # noqa: F401, PLC0415
 
         gc.freeze()
-        run_loop(_fetch_sweeps({(j.tenant.id, j.scope.value): j for j in jobs}, config,
-                               control, pages, dialect=dialect))
+        run_loop(_fetch_sweeps(jobs, config, control, pages, dialect=dialect))
     except BaseException:  # whatever happens, the process must reach os._exit
         traceback.print_exc()
         code = 1
@@ -318,7 +346,7 @@ def _serve(jobs: Sequence[pipeline.Job], config: PullerConfig, control: int, pag
         os._exit(code)
 
 
-async def _fetch_sweeps(jobs: dict[tuple[str, str], pipeline.Job], config: PullerConfig,
+async def _fetch_sweeps(jobs: Sequence[pipeline.Job], config: PullerConfig,
                         control: int, pages: int, *, dialect: str) -> None:
     """Serve sweeps until the main process closes the control pipe."""
     from puller import client  # noqa: PLC0415 - imported by _serve
@@ -327,7 +355,7 @@ async def _fetch_sweeps(jobs: dict[tuple[str, str], pipeline.Job], config: Pulle
     _read_on(loop, control, inbox)
     sweeps: dict[int, tuple[asyncio.Task[None], asyncio.Semaphore]] = {}
     async with client.HttpClients(allow_private_networks=config.allow_private_networks) as http:
-        for job in jobs.values():  # while the main process opens the store
+        for job in jobs:  # while the main process opens the store
             with contextlib.suppress(errors.ConfigError):  # the main process reports it
                 http.for_tenant(job.tenant)
         while (message := await inbox.get()) is not None:
@@ -337,10 +365,10 @@ async def _fetch_sweeps(jobs: dict[tuple[str, str], pipeline.Job], config: Pulle
             elif kind == "stop" and key in sweeps:
                 sweeps.pop(key)[0].cancel()
             elif kind == "start":
-                job = jobs[(rest[0], rest[1])]
+                job, retry, start, run_id = rest
                 slots = asyncio.Semaphore(job.callback.effective_prefetch + 1)
                 task = asyncio.create_task(_sweep(
-                    job, rest[2], rest[3], http=http, config=config, slots=slots,
+                    job, start, run_id, http=http, retry=retry or config.retry, slots=slots,
                     out=_Out(pages, key, job=job, dialect=dialect)))
                 sweeps[key] = (task, slots)
         for task, _ in sweeps.values():
@@ -349,7 +377,7 @@ async def _fetch_sweeps(jobs: dict[tuple[str, str], pipeline.Job], config: Pulle
 
 
 async def _sweep(job: pipeline.Job, start: Checkpoint, run_id: int, *,
-                 http: client.HttpClients, config: PullerConfig, slots: asyncio.Semaphore,
+                 http: client.HttpClients, retry: RetryConfig, slots: asyncio.Semaphore,
                  out: _Out) -> None:
     from puller import client  # noqa: PLC0415 - imported by _serve
 
@@ -357,7 +385,7 @@ async def _sweep(job: pipeline.Job, start: Checkpoint, run_id: int, *,
         try:
             source = client.CallbackSource(
                 http.for_tenant(job.tenant), tenant=job.tenant, scope=job.scope,
-                callback=job.callback, policy=config.retry)
+                callback=job.callback, policy=retry, observer=_Relay(out))
         except Exception as exc:  # the main process would wait for this sweep forever
             await out.put(exc)
             return
@@ -388,6 +416,10 @@ class _Out:
         else:
             _send(self._pages, (self._key, "page", self._in_store_form(item)))
 
+    def observed(self, kind: str, status: str | None) -> None:
+        """A failed or retried request, for the main process's metrics (_Relay)."""
+        _send(self._pages, (self._key, kind, status))
+
     def validate(self, raws: Sequence[object]) -> ValidatedPage:
         """pipeline.Validate: a page that the fast path accepts whole goes straight to the
         store's form: customers by forms.customer_rows (0.6 ms less a page of 500 on
@@ -414,6 +446,24 @@ class _Out:
         rows = forms.prepare(page.accepted, self._job.scope, self._dialect)
         return dataclasses.replace(item, page=ValidatedPage(
             accepted=[], rejections=page.rejections, normalised=page.normalised, rows=rows))
+
+
+_OBSERVED = ("failed", "retried")
+"""The kinds of message that report a sweep's request to the main process (_Relay)."""
+
+
+class _Relay:
+    """client.RequestObserver in the fetch process: each failed or retried request is told
+    to the main process, whose observer (a worker's metrics) counts it."""
+
+    def __init__(self, out: _Out) -> None:
+        self._out = out
+
+    def request_failed(self, status: str) -> None:
+        self._out.observed("failed", status)
+
+    def request_retried(self) -> None:
+        self._out.observed("retried", None)
 
 
 def _read_on(loop: asyncio.AbstractEventLoop, control: int, inbox: asyncio.Queue[Any]) -> None:

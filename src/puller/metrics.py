@@ -41,6 +41,10 @@ class Metrics:
         self.in_flight = Gauge("puller_runs_in_flight", "Runs in progress.", registry=r)
         self.acks_failed = Counter("puller_acks_failed", "Delivery acknowledgements that failed.",
                                    _SCOPE, registry=r)
+        self.fetch_process_up = Gauge(
+            "puller_fetch_process_up",
+            "1 while `run --fetch-process`'s fetch process serves the worker; 0 without it or "
+            "once it is gone (the worker then fetches in its own process).", registry=r)
 
     def render(self) -> bytes:
         """The text exposition format for /metrics."""

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
 from puller import client, errors, logs, pipeline
-from puller.config import PullerConfig, TenantConfig
-from puller.domain import PageOutcome, RunResult, Scope
+from puller.config import PullerConfig, RetryConfig, TenantConfig
+from puller.domain import Checkpoint, PageOutcome, RunResult, Scope
 from puller.metrics import Metrics
 from puller.scheduler import JobKey, Schedule, period_s
 from puller.store import Store
@@ -37,6 +37,18 @@ class _Slot:
     retired: bool = False
 
 
+class PageFetcher(Protocol):
+    """What the worker asks of a fetch process (fetcher.FetchProcess)."""
+
+    @property
+    def ended(self) -> str | None:
+        """Why it is gone, or None while it runs."""
+
+    def feed(self, job: pipeline.Job, start: Checkpoint, run_id: int, *,
+             retry: RetryConfig | None = None,
+             observer: client.RequestObserver | None = None) -> pipeline.PageFeed: ...
+
+
 class Heartbeat:
     """Ticks on the event loop; its age tells a thread whether the loop is stuck."""
 
@@ -55,7 +67,10 @@ class Worker:
     """Runs every scheduled (tenant, scope) under the global and per-tenant caps."""
 
     def __init__(self, config: PullerConfig, *, load_config: ConfigLoader, store: Store,
-                 http: client.HttpClients, metrics: Metrics | None = None) -> None:
+                 http: client.HttpClients, metrics: Metrics | None = None,
+                 fetch: PageFetcher | None = None) -> None:
+        """`fetch`: the fetch process that fetches, parses and validates every run's pages
+        (`run --fetch-process`); once it is gone, runs fetch in this process again."""
         self.config = config
         self._load_config = load_config
         self._store = store
@@ -73,6 +88,8 @@ class Worker:
         self._schedule = Schedule(on_due=self.mark_due, on_maintenance=self._start_maintenance)
         self._background: set[asyncio.Task[Any]] = set()
         self._log = logs.get_logger()
+        self._fetch = fetch
+        self.metrics.fetch_process_up.set(0 if fetch is None else 1)
 
     async def run(self) -> None:
         """Serve until stop() is called, then drain within shutdown_grace."""
@@ -190,18 +207,40 @@ class Worker:
             self._wake.set()
 
     async def _sweep(self, tenant: TenantConfig, scope: Scope, slot: _Slot) -> RunResult:
-        labels = {"tenant": tenant.id, "scope": scope.value}
+        observer = _Observer(self.metrics, {"tenant": tenant.id, "scope": scope.value})
         source = client.CallbackSource(
             self._http.for_tenant(tenant), tenant=tenant, scope=scope,
             callback=tenant.callbacks[scope],
-            policy=self.config.retry, observer=_Observer(self.metrics, labels),
+            policy=self.config.retry, observer=observer,
         )
         job = pipeline.Job(tenant=tenant, scope=scope, trigger="schedule")
         return await pipeline.run_sweep(
             job, source=source, sink=self._store, clock=self._clock, on_page=self._count_page,
             should_stop=lambda: self._stopping or slot.retired,
             done_since=self._turn_start(tenant, scope),
+            feeds=self._feeds(observer),
         )
+
+    def _feeds(self, observer: _Observer) -> pipeline.FeedFactory | None:
+        """Where a run's pages come from: the fetch process while it runs (with the current
+        config's retry policy, its requests' failures and retries counted here), else this
+        process. A fetch process that died is not started again: forking a process that
+        has threads is unsafe; the worker carries on, on one core, and says so once."""
+        fetch = self._fetch
+        if fetch is None:
+            return None
+        if fetch.ended is not None:
+            self._fetch = None
+            self.metrics.fetch_process_up.set(0)
+            self._log.error("fetch_process_lost", error=fetch.ended,
+                            hint="runs now fetch in the worker's own process; restart the "
+                            "worker to have a fetch process again")
+            return None
+        retry = self.config.retry
+
+        def feed(job: pipeline.Job, start: Checkpoint, run_id: int) -> pipeline.PageFeed:
+            return fetch.feed(job, start, run_id, retry=retry, observer=observer)
+        return feed
 
     def _turn_start(self, tenant: TenantConfig, scope: Scope) -> datetime | None:
         # With several workers every one fires each job; the first takes the lease and

@@ -1,4 +1,5 @@
-"""Fetching in a process of its own: `puller pull --fetch-process` (issue #5).
+"""Fetching in a process of its own: `puller pull --fetch-process` and `puller run
+--fetch-process` (issue #5).
 
 One puller process is bound by one core: fetching, parsing and validating a page hold
 Python's GIL as much as applying it does. With `--fetch-process`, a second process fetches,
@@ -33,7 +34,13 @@ Failures are the sweep's, as without the option: a tenant's error, a broken page
 refused address fails that run with the same message. If the fetch process dies, every
 sweep it served fails with a message that says so; the next run resumes at the
 checkpoint. It ends when the main process closes its pipe, however the main process ends
-(SIGKILL included), and it ignores the terminal's Ctrl-C, which the main process handles.
+(SIGKILL included), and it ignores the terminal's Ctrl-C, which the main process handles
+(a worker's, SIGTERM too: the worker drains its runs, then closes the pipe).
+
+For the worker, each sweep's job and retry policy come with its start (a reloaded config
+reaches the fetch process), and its failed and retried requests are told back for the
+worker's metrics (_Relay). A worker whose fetch process died fetches in its own process
+from then on (worker.Worker._feeds): forking again from a process with threads is unsafe.
 POSIX only (os.fork).
 """
 

@@ -129,7 +129,10 @@ class FetchProcess:
 
     @property
     def ended(self) -> str | None:
-        """Why the fetch process is gone (what its sweeps were told), or None while it runs."""
+        """Why the fetch process is gone (what its sweeps were told), or None while it runs;
+        one that exited is found so even before any sweep was asked of it."""
+        if self._ended is None and not self._stopped and self._reap(0) is not None:
+            self._end(self._gone())
         return self._ended
 
     def feed(self, job: pipeline.Job, start: Checkpoint, run_id: int, *,

@@ -226,21 +226,26 @@ class Worker:
         config's retry policy, its requests' failures and retries counted here), else this
         process. A fetch process that died is not started again: forking a process that
         has threads is unsafe; the worker carries on, on one core, and says so once."""
-        fetch = self._fetch
+        fetch = self._fetching()
         if fetch is None:
-            return None
-        if fetch.ended is not None:
-            self._fetch = None
-            self.metrics.fetch_process_up.set(0)
-            self._log.error("fetch_process_lost", error=fetch.ended,
-                            hint="runs now fetch in the worker's own process; restart the "
-                            "worker to have a fetch process again")
             return None
         retry = self.config.retry
 
         def feed(job: pipeline.Job, start: Checkpoint, run_id: int) -> pipeline.PageFeed:
             return fetch.feed(job, start, run_id, retry=retry, observer=observer)
         return feed
+
+    def _fetching(self) -> PageFetcher | None:
+        """The fetch process while it runs; once it is gone, None, said once."""
+        fetch = self._fetch
+        if fetch is None or fetch.ended is None:
+            return fetch
+        self._fetch = None
+        self.metrics.fetch_process_up.set(0)
+        self._log.error("fetch_process_lost", error=fetch.ended,
+                        hint="runs now fetch in the worker's own process; restart the worker "
+                        "to have a fetch process again")
+        return None
 
     def _turn_start(self, tenant: TenantConfig, scope: Scope) -> datetime | None:
         # With several workers every one fires each job; the first takes the lease and
@@ -294,6 +299,7 @@ class Worker:
     async def _beat(self) -> None:
         while True:
             self.heartbeat.beat()
+            self._fetching()  # a fetch process that died while idle shows in the metrics
             await asyncio.sleep(HEARTBEAT_S)
 
     def _start_maintenance(self) -> None:

@@ -30,7 +30,7 @@ _QUERY = sa.text("SELECT count(DISTINCT tenant_id), min(started_at), max(finishe
 
 
 def measure(url: str, store_kind: str, size: int, tenants: int, *, fetch_process: bool,
-            folder: Path) -> float:
+            folder: Path, every_s: float = 20.0) -> float:
     """Seconds from the first run's start to the last run's finish, every tenant once."""
     store = f"sqlite:///{folder}/w-{time.monotonic_ns()}.db"
     if store_kind == "postgres":
@@ -38,7 +38,7 @@ def measure(url: str, store_kind: str, size: int, tenants: int, *, fetch_process
         if fresh is None:
             raise SystemExit("PostgreSQL is not reachable at " + bench.PG_ADMIN)
         store = fresh
-    config = _config(folder / "worker.yaml", url, store, size, tenants)
+    config = _config(folder / "worker.yaml", url, store, size, tenants, every_s=every_s)
     argv = [sys.executable, "-m", "puller", "--log-level", "warning", "run", "--config",
             str(config), *(["--fetch-process"] if fetch_process else [])]
     with open(folder / "worker.err", "w") as err:
@@ -58,14 +58,15 @@ def measure(url: str, store_kind: str, size: int, tenants: int, *, fetch_process
     return float((last - first).total_seconds())
 
 
-def _config(path: Path, url: str, store: str, size: int, tenants: int) -> Path:
+def _config(path: Path, url: str, store: str, size: int, tenants: int, *,
+            every_s: float) -> Path:
     lines = [f"store: {store}", "allow_private_networks: true",
              "worker: {startup_jitter: 0, max_concurrent_runs: 8, max_runs_per_tenant: 1}",
              "tenants:"]
-    for t in range(tenants):  # due 20 s after start, each once within the measurement
+    for t in range(tenants):  # all due `every_s` after start, each once while measured
         lines += [f"  - id: b{t}", "    shop: bench.example.com", "    callbacks:",
                   f"      customer: {{url: '{url}/b{t}/customers', pagination: page, "
-                  f"page_size: {size}, max_pages: 1000000, schedule: {{every: 20s}}}}"]
+                  f"page_size: {size}, max_pages: 1000000, schedule: {{every: {every_s}s}}}}"]
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)
     return path
@@ -99,6 +100,10 @@ def main() -> int:
     parser.add_argument("--page-size", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--every", type=float, default=20.0,
+                        help="the tenants' schedule, seconds: all are first due this long "
+                        "after the worker starts; keep it above one measurement, so that "
+                        "no tenant runs twice in it (default %(default)s)")
     args = parser.parse_args()
     me = [sys.executable, str(Path(bench.__file__).resolve())]
     server = subprocess.Popen([*me, "--role", "serve", "--records", str(args.records),
@@ -119,7 +124,8 @@ def main() -> int:
                     for fetch_process in (False, True):
                         seconds.setdefault((store_kind, fetch_process), []).append(measure(
                             url, store_kind, args.page_size, args.tenants,
-                            fetch_process=fetch_process, folder=Path(folder)))
+                            fetch_process=fetch_process, folder=Path(folder),
+                            every_s=args.every))
     finally:
         server.terminate()
         server.wait()

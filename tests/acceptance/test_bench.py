@@ -64,3 +64,19 @@ def test_bench_pulls_orders_and_products_too(pg_admin: sa.Engine, scope: str) ->
     for store in ("sqlite", "postgres"):
         assert any(line.startswith("puller pull (page, fetch process)") and f" {store} " in line
                    for line in out.splitlines()), out
+
+
+def test_bench_worker_times_the_worker_with_and_without_a_fetch_process(
+        pg_admin: sa.Engine) -> None:
+    """scripts/bench-worker, shrunk: both settings in both stores, each worker stopped
+    with SIGTERM and checked to exit 0 by the script itself."""
+    admin_url = pg_admin.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_worker.py"), "--tenants", "3",
+         "--records", "60", "--repeat", "1", "--every", "1"],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PULLER_BENCH_PG_URL": admin_url})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("  ")]
+    assert [row[0] for row in rows] == ["sqlite", "postgres"], done.stdout
+    assert all(row[-1].endswith("x") and float(row[-1][:-1]) > 0 for row in rows)

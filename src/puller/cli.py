@@ -522,7 +522,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             store.claim_single_worker()
             _run_loop(_serve(config, args.config, store, fetch))
     finally:
-        if fetch is not None:
+        if fetch is not None:  # the worker closes its last one; this, if it never served
             fetch.close()
     return EXIT_OK
 
@@ -532,9 +532,20 @@ async def _serve(config: PullerConfig, path: Path, store: Store,
     # Imported here: APScheduler and prometheus-client are start-up cost `pull` never needs.
     from puller import client, worker  # noqa: PLC0415 - lazy: only `run` needs them
 
+    replace = None
+    if fetch is not None:
+        from puller import fetcher  # noqa: PLC0415 - imported by _fetch_process
+
+        dialect = dialect_of(config.store)
+        appliers = _appliers(dialect, config.worker.max_concurrent_runs)
+
+        def replace() -> fetcher.FetchProcess:
+            # Started afresh, not forked: the worker has threads by now.
+            return fetcher.FetchProcess.spawn(config, dialect=dialect, appliers=appliers)
+
     async with client.HttpClients(allow_private_networks=config.allow_private_networks) as http:
         serving = worker.Worker(config, load_config=lambda: read_config(path), store=store,
-                                http=http, fetch=fetch)
+                                http=http, fetch=fetch, replace_fetch=replace)
         ops = None
         if config.worker.metrics_port:
             ops = worker.OpsServer(serving, host=config.worker.metrics_host,

@@ -39,8 +39,9 @@ checkpoint. It ends when the main process closes its pipe, however the main proc
 
 For the worker, each sweep's job and retry policy come with its start (a reloaded config
 reaches the fetch process), and its failed and retried requests are told back for the
-worker's metrics (_Relay). A worker whose fetch process died fetches in its own process
-from then on (worker.Worker._feeds): forking again from a process with threads is unsafe.
+worker's metrics (_Relay). A worker replaces a fetch process that died with one started as
+a new interpreter (`FetchProcess.spawn`, worker.Worker._fetching): forking again from a
+process with threads is unsafe.
 POSIX only (os.fork).
 """
 
@@ -125,6 +126,27 @@ class FetchProcess:
         os.close(control_read)
         os.close(pages_write)
         logs.get_logger().info("fetch_process_started", pid=pid)
+        return cls(pid, control_write, pages_read, appliers)
+
+    @classmethod
+    def spawn(cls, config: PullerConfig, *, dialect: str, appliers: int = 1) -> FetchProcess:
+        """A fetch process for a worker, started as a new interpreter rather than forked:
+        for a process that has threads already (a worker replacing one that died). It
+        serves as one started with `worker=True`; its settings come as its first message."""
+        control_read, control_write = os.pipe()
+        pages_read, pages_write = os.pipe()
+        _widen(pages_write)
+        for fd in (control_read, pages_write):
+            os.set_inheritable(fd, True)
+        try:
+            pid = os.posix_spawn(sys.executable, [
+                sys.executable, "-c", "from puller import fetcher; "
+                f"fetcher.serve_spawned({control_read}, {pages_write})"], os.environ)
+        finally:
+            os.close(control_read)
+            os.close(pages_write)
+        _send(control_write, ("setup", config, dialect, logs.settings()))
+        logs.get_logger().info("fetch_process_started", pid=pid, spawned=True)
         return cls(pid, control_write, pages_read, appliers)
 
     @property
@@ -332,6 +354,37 @@ def _unpack(item: tuple[str, Any]) -> pipeline.Fetched | None:
 
 
 # ---------------------------------------------------------------- the fetch process
+def serve_spawned(control: int, pages: int) -> None:
+    """The entry of a fetch process started by `FetchProcess.spawn`: its settings, then
+    sweeps as a forked one serves them (never returns)."""
+    head = _read_exactly(control, _HEAD.size)
+    kind, config, dialect, log_settings = pickle.loads(  # noqa: S301 - from its parent
+        _read_exactly(control, _HEAD.unpack(head)[0]))
+    assert kind == "setup"
+    logs.configure(**log_settings)
+    _serve([], config, control, pages, _run_loop, dialect=dialect, ignore_sigterm=True)
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            os._exit(0)  # the parent went away before it said anything
+        data += chunk
+    return data
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """As cli._run_loop: uvloop where it is installed."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional; absent on Windows
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 def _serve(jobs: Sequence[pipeline.Job], config: PullerConfig, control: int, pages: int,
            run_loop: RunLoop, *, dialect: str, ignore_sigterm: bool = False) -> None:
     # Own process group and no Ctrl-C: the main process handles signals and ends this

@@ -27,12 +27,21 @@ def _redact(_: Any, __: str, event: structlog.types.EventDict) -> structlog.type
     return event
 
 
+_settings: dict[str, Any] = {"json": None, "level": "info"}
+
+
+def settings() -> dict[str, Any]:
+    """What `configure` was last given, resolved (for a process started afresh)."""
+    return dict(_settings)
+
+
 def configure(
     *, json: bool | None = None, level: str = "info", stream: TextIO | None = None
 ) -> None:
     """Configure logging once at start-up: JSON lines when `stream` is not a terminal."""
     out = stream or sys.stderr
     as_json = not out.isatty() if json is None else json
+    _settings.update(json=as_json, level=level)
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
     )

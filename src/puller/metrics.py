@@ -43,8 +43,9 @@ class Metrics:
                                    _SCOPE, registry=r)
         self.fetch_process_up = Gauge(
             "puller_fetch_process_up",
-            "1 while `run --fetch-process`'s fetch process serves the worker; 0 without it or "
-            "once it is gone (the worker then fetches in its own process).", registry=r)
+            "1 while `run --fetch-process`'s fetch process serves the worker; 0 without it, "
+            "or until a new one replaces one that died (the worker fetches in its own "
+            "process meanwhile).", registry=r)
 
     def render(self) -> bytes:
         """The text exposition format for /metrics."""

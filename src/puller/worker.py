@@ -48,6 +48,15 @@ class PageFetcher(Protocol):
              retry: RetryConfig | None = None,
              observer: client.RequestObserver | None = None) -> pipeline.PageFeed: ...
 
+    def close(self) -> None:
+        """End it (after its runs) and reap it."""
+
+
+REPLACE_AFTER_S = 60.0
+"""A fetch process that died is replaced at once if the one before it served at least this
+long, else after this long (runs fetch in the worker's own process meanwhile): one that
+dies at every start does not make the worker spin."""
+
 
 class Heartbeat:
     """Ticks on the event loop; its age tells a thread whether the loop is stuck."""
@@ -68,9 +77,11 @@ class Worker:
 
     def __init__(self, config: PullerConfig, *, load_config: ConfigLoader, store: Store,
                  http: client.HttpClients, metrics: Metrics | None = None,
-                 fetch: PageFetcher | None = None) -> None:
+                 fetch: PageFetcher | None = None,
+                 replace_fetch: Callable[[], PageFetcher] | None = None) -> None:
         """`fetch`: the fetch process that fetches, parses and validates every run's pages
-        (`run --fetch-process`); once it is gone, runs fetch in this process again."""
+        (`run --fetch-process`); `replace_fetch` starts another when it is gone (without
+        it, runs then fetch in this process). The worker closes the last one it had."""
         self.config = config
         self._load_config = load_config
         self._store = store
@@ -89,6 +100,10 @@ class Worker:
         self._background: set[asyncio.Task[Any]] = set()
         self._log = logs.get_logger()
         self._fetch = fetch
+        self._replace_fetch = replace_fetch
+        self._fetch_since = time.monotonic()
+        self._replaced = False  # whether the fetch process is a replacement
+        self._replace_at = 0.0  # monotonic time before which none is started
         self.metrics.fetch_process_up.set(0 if fetch is None else 1)
 
     async def run(self) -> None:
@@ -107,6 +122,8 @@ class Worker:
             beat.cancel()
             self._schedule.shutdown()
             await self._drain()
+            if self._fetch is not None:
+                await asyncio.to_thread(self._fetch.close)
 
     def stop(self) -> None:
         """Stop starting runs; in-flight runs finish their page and end `interrupted`."""
@@ -236,16 +253,45 @@ class Worker:
         return feed
 
     def _fetching(self) -> PageFetcher | None:
-        """The fetch process while it runs; once it is gone, None, said once."""
+        """The fetch process while it runs. One that is gone is said so and replaced: at
+        once, unless it was itself a replacement that served less than REPLACE_AFTER_S
+        (then after that long); runs fetch in the worker's own process meanwhile, and for
+        good without `replace_fetch`."""
         fetch = self._fetch
-        if fetch is None or fetch.ended is None:
+        if fetch is not None and fetch.ended is None:
             return fetch
+        if fetch is not None:
+            self._lost(fetch)
+        if self._replace_fetch is None or self._stopping or time.monotonic() < self._replace_at:
+            return None
+        try:
+            self._fetch = self._replace_fetch()
+        except OSError as exc:
+            self._replace_at = time.monotonic() + REPLACE_AFTER_S
+            self._log.error("fetch_process_not_started", error=str(exc),
+                            hint=f"runs fetch in the worker's own process; it tries again in "
+                            f"{REPLACE_AFTER_S:.0f} s")
+            return None
+        self._fetch_since, self._replaced = time.monotonic(), True
+        self.metrics.fetch_process_up.set(1)
+        return self._fetch
+
+    def _lost(self, fetch: PageFetcher) -> None:
         self._fetch = None
         self.metrics.fetch_process_up.set(0)
-        self._log.error("fetch_process_lost", error=fetch.ended,
-                        hint="runs now fetch in the worker's own process; restart the worker "
-                        "to have a fetch process again")
-        return None
+        fetch.close()  # gone already: reaps it and ends its threads
+        young = self._replaced and time.monotonic() - self._fetch_since < REPLACE_AFTER_S
+        self._replace_at = time.monotonic() + (REPLACE_AFTER_S if young else 0.0)
+        if self._replace_fetch is None:
+            hint = ("runs now fetch in the worker's own process; restart the worker to have "
+                    "a fetch process again")
+        elif young:
+            hint = (f"its replacement died within {REPLACE_AFTER_S:.0f} s too: runs fetch in "
+                    f"the worker's own process, and another is started in "
+                    f"{REPLACE_AFTER_S:.0f} s")
+        else:
+            hint = "a new fetch process takes over"
+        self._log.error("fetch_process_lost", error=fetch.ended, hint=hint)
 
     def _turn_start(self, tenant: TenantConfig, scope: Scope) -> datetime | None:
         # With several workers every one fires each job; the first takes the lease and

@@ -53,9 +53,9 @@ class PageFetcher(Protocol):
 
 
 REPLACE_AFTER_S = 60.0
-"""A fetch process that died is replaced at once if the one before it served at least this
-long, else after this long (runs fetch in the worker's own process meanwhile): one that
-dies at every start does not make the worker spin."""
+"""A fetch process that died is replaced at once, unless it was itself a replacement that
+served less than this long: then after this long (runs fetch in the worker's own process
+meanwhile), so that one that dies at every start does not make the worker spin."""
 
 
 class Heartbeat:

@@ -10,11 +10,11 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from puller import __version__, errors, fanout, logs, pg_store, pipeline, sqlite_store
 from puller.config import PullerConfig, dialect_of, load_config
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from puller import client, fetcher
     from puller.store import ScopeStatus, Store
 
-T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -263,11 +262,8 @@ def _fetch_process(config: PullerConfig, jobs: Sequence[pipeline.Job], *,
     """`--fetch-process`: forked before the event loop and the store's connections."""
     from puller import fetcher  # noqa: PLC0415 - lazy, as client
 
-    def run_loop(main: Coroutine[Any, Any, None]) -> None:
-        _run_loop(main)
-
     dialect = dialect_of(config.store)
-    return fetcher.FetchProcess.start(jobs, config, run_loop=run_loop, dialect=dialect,
+    return fetcher.FetchProcess.start(jobs, config, dialect=dialect,
                                       appliers=_appliers(dialect, concurrency), worker=worker)
 
 
@@ -294,8 +290,9 @@ def _pull_into_store(config: PullerConfig, jobs: Sequence[pipeline.Job],
     """Open the store, pull the jobs, close the store."""
     store = _open_pull_store(config.store)
     try:
-        return _run_loop(_pull(config, jobs, store, concurrency=concurrency, live=live,
-                               feeds=None if fetch is None else fetch.feed))
+        return pipeline.run_event_loop(_pull(
+            config, jobs, store, concurrency=concurrency, live=live,
+            feeds=None if fetch is None else fetch.feed))
     finally:
         if fetch is not None:
             fetch.stop()  # its sweeps are done: it ends while the store closes
@@ -520,7 +517,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         with _opened(args.config) as (config, store):
             store.claim_single_worker()
-            _run_loop(_serve(config, args.config, store, fetch))
+            pipeline.run_event_loop(_serve(config, args.config, store, fetch))
     finally:
         if fetch is not None:  # the worker closes its last one; this, if it never served
             fetch.close()
@@ -558,16 +555,6 @@ async def _serve(config: PullerConfig, path: Path, store: Store,
         finally:
             if ops is not None:
                 ops.stop()
-
-
-def _run_loop(main: Coroutine[Any, Any, T]) -> T:
-    """Run the async entry point on uvloop where it is installed (Linux, macOS): its event
-    loop cut a pull's time by ~10% in scripts/bench; plain asyncio elsewhere."""
-    try:
-        import uvloop  # noqa: PLC0415 - optional; absent on Windows
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 @contextmanager

@@ -62,7 +62,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from puller import errors, forms, logs, pipeline, records
@@ -75,8 +75,6 @@ if TYPE_CHECKING:
 _HEAD = struct.Struct("<I")  # each message: its length, then the pickle
 _STOP_WAIT_S = 5.0
 _PIPE_BYTES = 1 << 20  # Linux's default pipe-max-size
-
-RunLoop = Callable[[Coroutine[Any, Any, None]], None]
 
 
 class FetchProcess:
@@ -102,7 +100,7 @@ class FetchProcess:
 
     @classmethod
     def start(cls, jobs: Sequence[pipeline.Job], config: PullerConfig, *,
-              run_loop: RunLoop, dialect: str, appliers: int = 1,
+              dialect: str, appliers: int = 1,
               worker: bool = False) -> FetchProcess:
         """Fork the fetch process; call before any thread or event loop. `jobs`: the ones
         known now, whose HTTP clients it sets up at once (each sweep's job and retry policy
@@ -121,7 +119,7 @@ class FetchProcess:
         if pid == 0:  # the fetch process: never returns
             os.close(control_write)
             os.close(pages_read)
-            _serve(jobs, config, control_read, pages_write, run_loop, dialect=dialect,
+            _serve(jobs, config, control_read, pages_write, dialect=dialect,
                    ignore_sigterm=worker)
         os.close(control_read)
         os.close(pages_write)
@@ -362,7 +360,7 @@ def serve_spawned(control: int, pages: int) -> None:
         _read_exactly(control, _HEAD.unpack(head)[0]))
     assert kind == "setup"
     logs.configure(**log_settings)
-    _serve([], config, control, pages, _run_loop, dialect=dialect, ignore_sigterm=True)
+    _serve([], config, control, pages, dialect=dialect, ignore_sigterm=True)
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
@@ -375,18 +373,8 @@ def _read_exactly(fd: int, size: int) -> bytes:
     return data
 
 
-def _run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """As cli._run_loop: uvloop where it is installed."""
-    try:
-        import uvloop  # noqa: PLC0415 - optional; absent on Windows
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
-
-
 def _serve(jobs: Sequence[pipeline.Job], config: PullerConfig, control: int, pages: int,
-           run_loop: RunLoop, *, dialect: str, ignore_sigterm: bool = False) -> None:
+           *, dialect: str, ignore_sigterm: bool = False) -> None:
     # Own process group and no Ctrl-C: the main process handles signals and ends this
     # process by closing the pipe, after recording its runs as interrupted.
     os.setpgid(0, 0)
@@ -399,7 +387,7 @@ def _serve(jobs: Sequence[pipeline.Job], config: PullerConfig, control: int, pag
         from puller import client  # noqa: F401, PLC0415
 
         gc.freeze()
-        run_loop(_fetch_sweeps(jobs, config, control, pages, dialect=dialect))
+        pipeline.run_event_loop(_fetch_sweeps(jobs, config, control, pages, dialect=dialect))
     except BaseException:  # whatever happens, the process must reach os._exit
         traceback.print_exc()
         code = 1

@@ -241,8 +241,7 @@ class Worker:
     def _feeds(self, observer: _Observer) -> pipeline.FeedFactory | None:
         """Where a run's pages come from: the fetch process while it runs (with the current
         config's retry policy, its requests' failures and retries counted here), else this
-        process. A fetch process that died is not started again: forking a process that
-        has threads is unsafe; the worker carries on, on one core, and says so once."""
+        process (none, or one that died and is not replaced yet: _fetching)."""
         fetch = self._fetching()
         if fetch is None:
             return None

@@ -505,7 +505,7 @@ def _status_row(status: ScopeStatus) -> dict[str, Any]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    fetch = None
+    fetch = config = None
     if args.fetch_process:
         # Forked first, before the store, the scheduler and the ops server start threads:
         # it lives as long as the worker, which closes it after draining its runs.
@@ -515,7 +515,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         fetch = _fetch_process(config, jobs, concurrency=config.worker.max_concurrent_runs,
                                worker=True)
     try:
-        with _opened(args.config) as (config, store):
+        with _opened(args.config, config=config) as (config, store):
             store.claim_single_worker()
             pipeline.run_event_loop(_serve(config, args.config, store, fetch))
     finally:
@@ -558,9 +558,11 @@ async def _serve(config: PullerConfig, path: Path, store: Store,
 
 
 @contextmanager
-def _opened(path: Path, *, check_schema: bool = True) -> Iterator[tuple[PullerConfig, Store]]:
-    """The config at `path` and its store, closed afterwards."""
-    config = read_config(path)
+def _opened(path: Path, *, check_schema: bool = True, config: PullerConfig | None = None
+            ) -> Iterator[tuple[PullerConfig, Store]]:
+    """The config at `path` (or `config`, read from it already) and its store, closed
+    afterwards."""
+    config = config or read_config(path)
     store = _open_store(config.store, check_schema=check_schema)
     try:
         yield config, store

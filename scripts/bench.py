@@ -433,7 +433,8 @@ def bench(args: argparse.Namespace, sizes: list[int]) -> int:
     # baselines' packages (all installed) do not pay.
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "src" / "puller")],
                    check=True)
-    server, url = _serve(me, args, args.records, args.tenants)
+    server, url = start_server(me, args.records, args.tenants, args.page_sizes,
+                               args.latency_ms)
     stores = ["sqlite"] + ([] if args.no_postgres else ["postgres"])
     total = args.records * args.tenants
     results: list[dict[str, Any]] = []
@@ -445,7 +446,8 @@ def bench(args: argparse.Namespace, sizes: list[int]) -> int:
         if args.tenants == 1 and not args.no_many and not args.latency_ms:
             # A second tenant server: --many-tenants tenants of --many-records records
             # (b0, b1, …), and one tenant ("solo") holding as many as all of them.
-            many_server, many_url = _serve(me, args, args.many_records, args.many_tenants)
+            many_server, many_url = start_server(me, args.many_records, args.many_tenants,
+                                                  args.page_sizes, args.latency_ms)
             servers.append(many_server)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -505,12 +507,13 @@ def _many_labels(args: argparse.Namespace) -> tuple[str, str]:
             f"puller pull, one tenant of {_many_total(args):,}, fetch process")
 
 
-def _serve(me: list[str], args: argparse.Namespace, records: int, tenants: int
-           ) -> tuple[subprocess.Popen[str], str]:
-    """A fast tenant server in a process of its own (the `serve` role), and its URL."""
+def start_server(me: list[str], records: int, tenants: int, page_sizes: str,
+                 latency_ms: float = 0.0) -> tuple[subprocess.Popen[str], str]:
+    """A fast tenant server in a process of its own (the `serve` role), and its URL; `me`
+    runs this script. Also scripts/bench-worker's."""
     server = subprocess.Popen([*me, "--role", "serve", "--records", str(records),
-                               "--tenants", str(tenants), "--page-sizes", args.page_sizes,
-                               "--latency-ms", str(args.latency_ms)],
+                               "--tenants", str(tenants), "--page-sizes", page_sizes,
+                               "--latency-ms", str(latency_ms)],
                               stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None
     return server, server.stdout.readline().strip()

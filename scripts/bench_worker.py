@@ -106,11 +106,7 @@ def main() -> int:
                         "no tenant runs twice in it (default %(default)s)")
     args = parser.parse_args()
     me = [sys.executable, str(Path(bench.__file__).resolve())]
-    server = subprocess.Popen([*me, "--role", "serve", "--records", str(args.records),
-                               "--tenants", str(args.tenants), "--page-sizes",
-                               str(args.page_size)], stdout=subprocess.PIPE, text=True)
-    assert server.stdout is not None
-    url = server.stdout.readline().strip()
+    server, url = bench.start_server(me, args.records, args.tenants, str(args.page_size))
     stores = ["sqlite"] if args.no_postgres else ["sqlite", "postgres"]
     total = args.tenants * args.records
     print(f"{args.tenants} tenants x {args.records:,} customers, page size {args.page_size}, "

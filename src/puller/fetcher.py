@@ -65,7 +65,7 @@ import traceback
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any
 
-from puller import errors, forms, logs, pipeline, records
+from puller import errors, forms, logs, pipeline, prefetch, records
 from puller.config import PullerConfig, RetryConfig
 from puller.domain import Checkpoint, Scope, ValidatedPage
 
@@ -440,12 +440,12 @@ async def _sweep(job: pipeline.Job, start: Checkpoint, run_id: int, *,
         except Exception as exc:  # the main process would wait for this sweep forever
             await out.put(exc)
             return
-        await pipeline.produce(job, pipeline.paginator_for(job.callback, start),
+        await prefetch.produce(job, prefetch.paginator_for(job.callback, start),
                                source=source, ahead=out, slots=slots, validate=out.validate)
 
 
 class _Out:
-    """pipeline.Ahead for one sweep: its pages, error or end, sent to the main process;
+    """prefetch.Ahead for one sweep: its pages, error or end, sent to the main process;
     a page's records in the store's form (StoreRows), which the main process applies as
     they come."""
 
@@ -472,7 +472,7 @@ class _Out:
         _send(self._pages, (self._key, kind, status))
 
     def validate(self, raws: Sequence[object]) -> ValidatedPage:
-        """pipeline.Validate: a page that the fast path accepts whole goes straight to the
+        """prefetch.Validate: a page that the fast path accepts whole goes straight to the
         store's form: customers by forms.customer_rows (0.6 ms less a page of 500 on
         SQLite, 0.3 ms on PostgreSQL), orders and products by forms.payload_rows; any other
         page is validated as without the fetch process, and put in the store's form when

@@ -6,13 +6,14 @@ import asyncio
 import threading
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import orjson
 import pytest
 import sqlalchemy as sa
 
-from puller import pipeline, records, schema
+from puller import pipeline, prefetch, records, schema
 from puller.config import TenantConfig
 from puller.domain import Checkpoint, Scope
 from puller.records import validate_page
@@ -509,10 +510,12 @@ async def test_status_shows_checkpoint_and_last_run(
     assert product.checkpoint is None and product.last_run is None
 
 
-def test_pipeline_module_needs_no_http_or_sql() -> None:
-    """pipeline talks to ports only (STYLE.md); the import-linter contract enforces the rest."""
-    assert pipeline.__file__ is not None
-    text = Path(pipeline.__file__).read_text(encoding="utf-8")
+@pytest.mark.parametrize("module", [pipeline, prefetch], ids=["pipeline", "prefetch"])
+def test_pipeline_module_needs_no_http_or_sql(module: ModuleType) -> None:
+    """pipeline (and its producer, prefetch) talk to ports only (STYLE.md); the
+    import-linter contract enforces the rest."""
+    assert module.__file__ is not None
+    text = Path(module.__file__).read_text(encoding="utf-8")
     assert "import httpx" not in text and "sqlalchemy" not in text
 
 
@@ -613,9 +616,9 @@ async def test_a_producer_ended_early_drops_the_page_it_asked_for_ahead(
     slots = asyncio.Semaphore(3)
     ahead = _NeverTaken()
     if when == "asking":  # cancelled in the turns of the loop that send the request
-        monkeypatch.setattr(pipeline, "_SEND_YIELDS", 1000)
-    producer = asyncio.create_task(pipeline.produce(
-        job, pipeline.paginator_for(job.callback, Checkpoint()),
+        monkeypatch.setattr(prefetch, "_SEND_YIELDS", 1000)
+    producer = asyncio.create_task(prefetch.produce(
+        job, prefetch.paginator_for(job.callback, Checkpoint()),
         source=_SecondPageNeverComes(), ahead=ahead, slots=slots))
     for _ in range(100):
         await asyncio.sleep(0)

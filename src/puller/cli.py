@@ -91,7 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-json", action="store_true", default=None,
                         help="JSON log lines even on a terminal (default: JSON off a terminal)")
     sub = parser.add_subparsers(dest="command")
+    _add_pull(sub)
+    _add_worker_and_views(sub)
+    _add_admin(sub)
+    return parser
 
+
+def _add_pull(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pull = sub.add_parser("pull", help="pull tenants/scopes now, then exit (for cron)")
     pull.add_argument("--config", required=True, type=Path)
     pull.add_argument("--tenant", action="append", default=[], help="repeatable; default all")
@@ -108,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
                       "large tenant uses two cores (see README, Performance)")
     pull.set_defaults(handler=_cmd_pull)
 
+
+def _add_worker_and_views(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = sub.add_parser("status", help="checkpoint and last run per tenant and scope")
     status.add_argument("--config", required=True, type=Path)
     status.add_argument("--json", action="store_true")
@@ -131,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     rejects.add_argument("--run", type=int, help="only this run id")
     rejects.set_defaults(handler=_cmd_rejects)
 
+
+def _add_admin(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     purge = sub.add_parser("purge", help="delete what retention allows, now")
     purge.add_argument("--config", required=True, type=Path)
     purge.set_defaults(handler=_cmd_purge)
@@ -156,7 +166,6 @@ def _parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate a config file without running")
     check.add_argument("path", type=Path)
     check.set_defaults(handler=_cmd_config_check)
-    return parser
 
 
 def _add_view_args(parser: argparse.ArgumentParser) -> None:

@@ -12,11 +12,19 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from puller import __version__, errors, fanout, logs, pg_store, pipeline, sqlite_store
+from puller import (
+    __version__,
+    errors,
+    fanout,
+    logs,
+    pg_store,
+    pipeline,
+    report,
+    sqlite_store,
+)
 from puller.config import PullerConfig, dialect_of, load_config
 from puller.domain import Ack, PageOutcome, PageRequest, RunResult, Scope
 from puller.protocol import json_text
@@ -387,7 +395,7 @@ async def _pull(config: PullerConfig, jobs: Sequence[pipeline.Job], store: pipel
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     if not (live and sys.stdout.isatty()):
         return await pull_now(config, jobs, store, concurrency=concurrency, feeds=feeds)
-    from rich.progress import (  # noqa: PLC0415 - rich where it draws (see _print_table)
+    from rich.progress import (  # noqa: PLC0415 - rich where it draws (see report.table)
         Progress,
         SpinnerColumn,
         TextColumn,
@@ -474,7 +482,7 @@ def _print_pull_rows(rows: Sequence[dict[str, Any]], *, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json_text(rows, indent=True) + "\n")
         return
-    _print_table("puller pull", rows, ["tenant", "scope", "status", "pages", "accepted",
+    report.table("puller pull", rows, ["tenant", "scope", "status", "pages", "accepted",
                                        "rejected", "stale", "duration_s", "run_id"])
     for row in rows:
         if row["error"]:
@@ -485,12 +493,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     with _opened(args.config) as (config, store):
         statuses = store.status([(t.id, s) for t in config.tenants for s in t.callbacks])
     rows = [_status_row(s) for s in statuses]
-    if args.json:
-        sys.stdout.write(json_text(rows, indent=True) + "\n")
-    else:
-        _print_table("puller status", rows, ["tenant", "scope", "next", "last_run",
-                                             "last_status", "last_started_at", "pages",
-                                             "accepted", "rejected", "stale"])
+    report.rows("puller status", rows, ["tenant", "scope", "next", "last_run", "last_status",
+                                        "last_started_at", "pages", "accepted", "rejected",
+                                        "stale"], as_json=args.json)
     return EXIT_OK
 
 
@@ -583,7 +588,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     with _opened(args.config) as (_, store):
         rows = store.list_runs(tenant=args.tenant, scope=args.scope, status=args.status,
                                limit=args.limit)
-    _print_rows("puller runs", rows, ["id", "tenant_id", "scope", "trigger", "status",
+    report.rows("puller runs", rows, ["id", "tenant_id", "scope", "trigger", "status",
                                       "started_at", "finished_at", "pages", "accepted",
                                       "rejected", "stale", "error"], as_json=args.json)
     return EXIT_OK
@@ -596,7 +601,7 @@ def _cmd_rejects(args: argparse.Namespace) -> int:
     if not args.json:
         rows = [{**r, "reasons": "; ".join(r["reasons"]),
                  "record": json_text(r["record"])[:80]} for r in rows]
-    _print_rows("puller rejects", rows, ["id", "tenant_id", "scope", "run_id", "page",
+    report.rows("puller rejects", rows, ["id", "tenant_id", "scope", "run_id", "page",
                                          "position", "reasons", "record"], as_json=args.json)
     return EXIT_OK
 
@@ -648,71 +653,3 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     callbacks = sum(len(t.callbacks) for t in config.tenants)
     print(f"{args.path}: valid — {len(config.tenants)} tenants, {callbacks} callbacks")
     return EXIT_OK
-
-
-def _print_rows(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str], *,
-                as_json: bool) -> None:
-    if as_json:
-        sys.stdout.write(json_text(list(rows), indent=True) + "\n")
-    else:
-        _print_table(title, rows, columns)
-
-
-_LEFT = ("tenant", "tenant_id", "scope")
-"""The columns rich's table aligns left, every other right (the plain table aligns the
-columns of numbers right, every other left)."""
-
-
-def _print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    """rich's table on a terminal; off one (a pipe, cron's mail, a log file), plain text."""
-    if not sys.stdout.isatty():
-        _print_plain_table(title, rows, columns)
-        return
-    # rich is imported where it draws, not before a pull starts (~25 ms; logs.py keeps
-    # structlog from importing it too).
-    from rich.console import Console  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
-    from rich.text import Text  # noqa: PLC0415
-
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column, justify="left" if column in _LEFT else "right")
-    # Cells as Text: shown as they are, neither read as console markup nor highlighted. A
-    # summary of 100 runs took 123 -> 64 ms to draw (the last step of a pull of 100
-    # tenants, best of 5).
-    for row in rows:
-        table.add_row(*(Text(_cell(row.get(c))) for c in columns))
-    Console().print(table)
-
-
-def _print_plain_table(title: str, rows: Sequence[dict[str, Any]],
-                       columns: Sequence[str]) -> None:
-    """The table as plain text: a row a line, never wrapped, columns two spaces apart,
-    numbers aligned right, a line break in a cell written as \\n. Off a terminal no one
-    sees rich's box and colours, and its import and drawing were the last ~70 ms of every
-    pull here (~135 ms for a summary of 100 runs), after the last page."""
-    cells = [[_cell(row.get(column)).replace("\r", "\\r").replace("\n", "\\n")
-              for column in columns] for row in rows]
-    widths = [max([len(column), *(len(line[i]) for line in cells)])
-              for i, column in enumerate(columns)]
-    right = [all(_is_number(row.get(column)) for row in rows) for column in columns]
-
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(value.rjust(width) if numeric else value.ljust(width)
-                         for value, width, numeric in zip(values, widths, right,
-                                                          strict=True)).rstrip()
-
-    sys.stdout.write("\n".join([title, line(columns), line(["-" * w for w in widths]),
-                                 *map(line, cells)]) + "\n")
-
-
-def _is_number(value: object) -> bool:
-    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, datetime):
-        return value.isoformat(timespec="seconds")
-    return str(value)

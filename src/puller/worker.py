@@ -278,7 +278,11 @@ class Worker:
     def _lost(self, fetch: PageFetcher) -> None:
         self._fetch = None
         self.metrics.fetch_process_up.set(0)
-        fetch.close()  # gone already: reaps it and ends its threads
+        # Gone already; closing it reaps it and ends its threads once its appliers have
+        # applied the pages it sent (each a transaction): in a thread, not on this loop.
+        closing = asyncio.create_task(asyncio.to_thread(fetch.close))
+        self._background.add(closing)
+        closing.add_done_callback(self._background.discard)
         young = self._replaced and time.monotonic() - self._fetch_since < REPLACE_AFTER_S
         self._replace_at = time.monotonic() + (REPLACE_AFTER_S if young else 0.0)
         if self._replace_fetch is None:

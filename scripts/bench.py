@@ -337,15 +337,21 @@ def count_stored(store: str, table: str) -> int:
 
 def puller_config(folder: Path, url: str, store: str, size: int, tenants: int,
                   mode: str, prefetch: int | None, parallel: int = 1, *,
-                  names: list[str] | None = None, scope: str = "customer") -> Path:
+                  names: list[str] | None = None, scope: str = "customer",
+                  worker: str | None = None, every_s: float | None = None) -> Path:
+    """A config of `tenants` tenants (b0, b1, … or `names`) of this server; `worker`: the
+    worker section's flow mapping, `every_s`: each callback's schedule (scripts/bench-worker)."""
     path = folder / f"bench-{uuid.uuid4().hex[:6]}.yaml"
-    lines = [f"store: {store}", "allow_private_networks: true", "tenants:"]
+    lines = [f"store: {store}", "allow_private_networks: true",
+             *([f"worker: {worker}"] if worker is not None else []), "tenants:"]
     for name in names or [f"b{t}" for t in range(tenants)]:
         lines += [f"  - id: {name}", "    shop: bench.example.com", "    callbacks:",
                   f"      {scope}: {{url: '{url}/{name}/{scope}s', pagination: {mode}, "
                   f"page_size: {size}, max_pages: 1000000"
                   + (f", prefetch: {prefetch}" if prefetch is not None else "")
-                  + (f", parallel_pages: {parallel}" if parallel > 1 else "") + "}"]
+                  + (f", parallel_pages: {parallel}" if parallel > 1 else "")
+                  + (f", schedule: {{every: {every_s}s}}" if every_s is not None else "")
+                  + "}"]
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)  # puller warns about config files readable by others
     return path

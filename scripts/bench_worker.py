@@ -38,7 +38,10 @@ def measure(url: str, store_kind: str, size: int, tenants: int, *, fetch_process
         if fresh is None:
             raise SystemExit("PostgreSQL is not reachable at " + bench.PG_ADMIN)
         store = fresh
-    config = _config(folder / "worker.yaml", url, store, size, tenants, every_s=every_s)
+    # Every tenant due `every_s` after start, each run once while measured.
+    config = bench.puller_config(
+        folder, url, store, size, tenants, "page", None, every_s=every_s,
+        worker="{startup_jitter: 0, max_concurrent_runs: 8, max_runs_per_tenant: 1}")
     argv = [sys.executable, "-m", "puller", "--log-level", "warning", "run", "--config",
             str(config), *(["--fetch-process"] if fetch_process else [])]
     with open(folder / "worker.err", "w") as err:
@@ -56,20 +59,6 @@ def measure(url: str, store_kind: str, size: int, tenants: int, *, fetch_process
     if isinstance(first, str):  # SQLite's text times, both in UTC
         first, last = datetime.fromisoformat(first), datetime.fromisoformat(last)
     return float((last - first).total_seconds())
-
-
-def _config(path: Path, url: str, store: str, size: int, tenants: int, *,
-            every_s: float) -> Path:
-    lines = [f"store: {store}", "allow_private_networks: true",
-             "worker: {startup_jitter: 0, max_concurrent_runs: 8, max_runs_per_tenant: 1}",
-             "tenants:"]
-    for t in range(tenants):  # all due `every_s` after start, each once while measured
-        lines += [f"  - id: b{t}", "    shop: bench.example.com", "    callbacks:",
-                  f"      customer: {{url: '{url}/b{t}/customers', pagination: page, "
-                  f"page_size: {size}, max_pages: 1000000, schedule: {{every: {every_s}s}}}}"]
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o600)
-    return path
 
 
 def _when_all_done(worker: subprocess.Popen[bytes], store: str, tenants: int,

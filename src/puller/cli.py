@@ -479,11 +479,11 @@ def _summary_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
 
 def _print_pull_rows(rows: Sequence[dict[str, Any]], *, as_json: bool) -> None:
     """The pull summary: a table with the errors below it, or JSON (`--json`)."""
+    report.rows("puller pull", rows, ["tenant", "scope", "status", "pages", "accepted",
+                                      "rejected", "stale", "duration_s", "run_id"],
+                as_json=as_json)
     if as_json:
-        sys.stdout.write(json_text(rows, indent=True) + "\n")
         return
-    report.table("puller pull", rows, ["tenant", "scope", "status", "pages", "accepted",
-                                       "rejected", "stale", "duration_s", "run_id"])
     for row in rows:
         if row["error"]:
             print(f"  run {row['run_id']} ({row['tenant']}/{row['scope']}): {row['error']}")

@@ -11,7 +11,8 @@ from puller.protocol import json_text
 
 
 def rows(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str], *,
-                as_json: bool) -> None:
+         as_json: bool) -> None:
+    """JSON (`--json`) or a table."""
     if as_json:
         sys.stdout.write(json_text(list(rows), indent=True) + "\n")
     else:

@@ -136,7 +136,7 @@ def config_for(
 
 
 def nested_arrays(levels: int) -> list[Any]:
-    """`levels` arrays, each inside the one before (a record's depth, for records.MAX_DEPTH)."""
+    """`levels` arrays, each inside the one before (a record's depth, for shapes.MAX_DEPTH)."""
     value: list[Any] = []
     for _ in range(levels - 1):
         value = [value]

@@ -46,7 +46,7 @@ def parse_envelope(body: bytes, *, where: Where) -> Envelope:
     if _may_hold_wide_integers(body):
         # Valid JSON (orjson read it), its integers exact. Nested ~1,000 levels, the
         # standard library's parser gives up: orjson's reading stays (such a record is
-        # rejected anyway, records.MAX_DEPTH).
+        # rejected anyway, shapes.MAX_DEPTH).
         with contextlib.suppress(RecursionError):
             tree = json.loads(body)
     if not isinstance(tree, dict):

@@ -353,7 +353,7 @@ def test_a_record_the_store_cannot_hold_is_rejected_by_the_fetch_process(
     tenant_server: TenantServer, tenant_id: str, tmp_path: Path, store_url: str,
     value: object, kept: str,
 ) -> None:
-    """A customer whose extra field nests 300 levels (more than records.MAX_DEPTH), or
+    """A customer whose extra field nests 300 levels (more than shapes.MAX_DEPTH), or
     holds a NUL character (PostgreSQL cannot store it), leaves the fetch process's
     shortcut for the explaining path and is rejected there; its rejection crosses the
     pipe and is stored, and the run succeeds."""

@@ -13,7 +13,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from puller import pipeline, prefetch, records, schema
+from puller import pipeline, prefetch, records, schema, shapes
 from puller.config import TenantConfig
 from puller.domain import Checkpoint, Scope
 from puller.records import validate_page
@@ -237,7 +237,7 @@ async def test_a_record_nested_too_deep_is_rejected_not_the_run_failed(
     assert [(r.status, r.stats.accepted, r.stats.rejected) for r in results] == [
         ("succeeded", 2, 1), ("succeeded", 2, 1)], [r.error for r in results]
     kept = {r["scope"]: r for r in rows(store, schema.rejected_records, tenant_id)}
-    assert kept["customer"]["reasons"] == [records.TOO_DEEP]
+    assert kept["customer"]["reasons"] == [shapes.TOO_DEEP]
     assert kept["customer"]["record"] == {
         **data.records["customer"][1], "zz_deep": "(not kept: nested more than 200 levels deep)"}
     assert kept["order"]["record"]["order_id"] == "o2"

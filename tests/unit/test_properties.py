@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
-from puller import errors, forms, pg_store, protocol, sqlite_store
+from puller import errors, forms, pg_store, protocol, shapes, sqlite_store
 from puller import records as rules
 from puller.config import PullerConfig, load_config
 from puller.domain import Checkpoint, Scope, StoreRows, Where
@@ -308,23 +308,23 @@ money_trees = st.recursive(
 @settings(max_examples=600)
 @given(record=money_trees)
 def test_money_ok_is_money_problems_finding_nothing(record: Any) -> None:
-    """records.money_ok, the validators' quick walk, says a record is fine exactly when
+    """shapes.money_ok, the validators' quick walk, says a record is fine exactly when
     money_problems finds no problem in it: money-shaped objects anywhere, with amounts,
     precisions and currencies of every kind, half-shaped ones, none."""
-    ok = rules.money_ok(record)
-    assert ok == (rules.money_problems(record) == [])
+    ok = shapes.money_ok(record)
+    assert ok == (shapes.money_problems(record) == [])
     event("fine" if ok else "a problem")
 
 
 def test_money_ok_refuses_what_nests_too_deep_as_money_problems_does() -> None:
     """A record nested more than MAX_DEPTH levels is not fine (money_problems raises
     TooDeep for it); one nested exactly MAX_DEPTH levels is."""
-    deepest = {"total": nested_arrays(rules.MAX_DEPTH - 1)}
-    assert rules.money_ok(deepest) and rules.money_problems(deepest) == []
-    too_deep = {"total": nested_arrays(rules.MAX_DEPTH)}
-    assert not rules.money_ok(too_deep)
-    with pytest.raises(rules.TooDeep):
-        rules.money_problems(too_deep)
+    deepest = {"total": nested_arrays(shapes.MAX_DEPTH - 1)}
+    assert shapes.money_ok(deepest) and shapes.money_problems(deepest) == []
+    too_deep = {"total": nested_arrays(shapes.MAX_DEPTH)}
+    assert not shapes.money_ok(too_deep)
+    with pytest.raises(shapes.TooDeep):
+        shapes.money_problems(too_deep)
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])

@@ -8,9 +8,10 @@ from typing import Any
 import orjson
 import pytest
 
-from puller import forms, records, sqlite_store
+from puller import forms, records, shapes, sqlite_store
 from puller.domain import RecordsWithNul, Scope
-from puller.records import money_problems, validate_page
+from puller.records import validate_page
+from puller.shapes import money_problems
 from puller.tenant_server import make_customer, make_order, make_product
 from tests.conftest import nested_arrays
 
@@ -199,7 +200,7 @@ def test_a_record_nested_too_deep_is_rejected_and_the_rest_of_its_page_stored(
         return
     (rejection,) = page.rejections
     assert len(page.accepted) == 1 and rejection.position == 1
-    assert rejection.reasons == (records.TOO_DEEP,)
+    assert rejection.reasons == (shapes.TOO_DEEP,)
     assert rejection.raw == {**make[scope](1),
                              "zz_deep": "(not kept: nested more than 200 levels deep)"}
     if scope is Scope.CUSTOMER:

@@ -477,7 +477,7 @@ RunOne = Callable[[Job], Awaitable[RunResult]]
 def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run an async entry point on uvloop where it is installed (Linux, macOS): its event
     loop cut a pull's time by ~10% in scripts/bench; plain asyncio elsewhere. The CLI's
-    commands and the fetch process (fetcher.py) run theirs through it."""
+    commands and the fetch process (fetch_serve.py) run theirs through it."""
     try:
         import uvloop  # noqa: PLC0415 - optional; absent on Windows
     except ImportError:

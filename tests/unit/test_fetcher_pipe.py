@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from puller import fetcher
+from puller import fetch_serve, fetcher
 from puller.domain import Checkpoint
 
 
@@ -35,12 +35,12 @@ async def test_control_messages_are_read_whole_however_the_pipe_splits_them(piec
     whole and in order, whether a read returns part of one or several; None at the end."""
     messages: list[Any] = [("start", 1, "t1", "customer", Checkpoint(next_number=2, next_page=2),
                             7), ("credit", 1), ("credit", 1), ("stop", 1)]
-    data = b"".join(fetcher._HEAD.pack(len(body)) + body for body in
+    data = b"".join(fetch_serve.HEAD.pack(len(body)) + body for body in
                     (pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL) for m in messages))
     read, write = os.pipe()
     inbox: asyncio.Queue[Any] = asyncio.Queue()
     try:
-        fetcher._read_on(asyncio.get_running_loop(), read, inbox)
+        fetch_serve._read_on(asyncio.get_running_loop(), read, inbox)
         for start in range(0, len(data), piece):
             os.write(write, data[start:start + piece])
             for _ in range(3):

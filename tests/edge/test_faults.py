@@ -13,7 +13,7 @@ import respx
 import sqlalchemy as sa
 from pydantic import SecretStr
 
-from puller import client, errors, schema
+from puller import client, errors, schema, transport
 from puller.config import PullerConfig
 from puller.domain import PageRequest, RunResult, Scope
 from puller.store import Store
@@ -50,14 +50,14 @@ class Sleeps:
 
 @pytest.fixture
 def mock(monkeypatch: pytest.MonkeyPatch) -> Iterator[respx.MockRouter]:
-    # puller sends each request through its own transport (client.GuardedTransport, httpx's
+    # puller sends each request through its own transport (transport.GuardedTransport, httpx's
     # transport API): the router answers there, in place of the network.
     with respx.mock(assert_all_called=False, using=None) as router:
-        async def answer(_transport: client.GuardedTransport,
+        async def answer(_transport: transport.GuardedTransport,
                          request: httpx.Request) -> httpx.Response:
             return await router.async_handler(request)
 
-        monkeypatch.setattr(client.GuardedTransport, "handle_async_request", answer)
+        monkeypatch.setattr(transport.GuardedTransport, "handle_async_request", answer)
         yield router
 
 

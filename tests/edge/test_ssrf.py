@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from puller import client, errors
-from puller.client import GuardedResolver
+from puller import client, errors, transport
 from puller.config import PullerConfig
 from puller.domain import PageRequest, Scope
+from puller.transport import GuardedResolver
 
 
 def answers(*results: list[str]) -> Any:
@@ -32,7 +32,7 @@ def answers(*results: list[str]) -> Any:
 async def test_a_host_resolving_to_a_forbidden_address_is_refused(addresses: list[str]) -> None:
     """Any forbidden address among the answers refuses the connection: none is returned."""
     guard = GuardedResolver(allow_private=False, resolver=answers(addresses))
-    with pytest.raises(client._RefusedAddress) as info:
+    with pytest.raises(transport.RefusedAddress) as info:
         await guard.resolve("tenant.example", 443)
     assert info.value.address in addresses
 
@@ -51,7 +51,7 @@ async def test_dns_rebinding_between_connections_is_caught() -> None:
     guard = GuardedResolver(allow_private=False,
                             resolver=answers(["93.184.216.34"], ["127.0.0.1"]))
     assert [r["host"] for r in await guard.resolve("rebind.example", 443)] == ["93.184.216.34"]
-    with pytest.raises(client._RefusedAddress):
+    with pytest.raises(transport.RefusedAddress):
         await guard.resolve("rebind.example", 443)
 
 

@@ -1,6 +1,6 @@
 """Puller's requests and its reading of responses on a real socket (client.PageRequests,
-GuardedTransport, Body): a loopback server that answers each request with bytes scripted
-here, and records what it was sent."""
+transport.GuardedTransport and Body): a loopback server that answers each request with
+bytes scripted here, and records what it was sent."""
 
 from __future__ import annotations
 

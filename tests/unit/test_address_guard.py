@@ -1,10 +1,10 @@
-"""The SSRF guard's address rule (client.is_forbidden), table-driven."""
+"""The SSRF guard's address rule (transport.is_forbidden), table-driven."""
 
 from __future__ import annotations
 
 import pytest
 
-from puller.client import is_forbidden
+from puller.transport import is_forbidden
 
 
 @pytest.mark.parametrize(

@@ -21,11 +21,11 @@ from sqlalchemy import (
 )
 
 from puller import schema
-from puller.sqlite_store import SCHEMA_HEAD
+from puller.sqlite_schema import SCHEMA_HEAD
 
 SCRIPTS = Path(__file__).parent / "migrations"
 HEAD = SCHEMA_HEAD
-"""The revision this code needs (sqlite_store.SCHEMA_HEAD, where the pull on SQLite reads
+"""The revision this code needs (sqlite_schema.SCHEMA_HEAD, where the pull on SQLite reads
 it without SQLAlchemy); a test checks it is the newest script in migrations/."""
 
 

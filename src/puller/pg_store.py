@@ -32,10 +32,10 @@ from puller.domain import (
 )
 from puller.forms import LAYOUTS, PG_KEYS, record_columns
 from puller.protocol import json_text
+from puller.sqlite_schema import SCHEMA_HEAD
 from puller.sqlite_store import (
     ABANDONED,
     CHECKPOINT_UPSERT,
-    SCHEMA_HEAD,
     TABLES,
     store_error,
     upsert_clause,

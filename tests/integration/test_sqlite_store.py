@@ -43,7 +43,7 @@ def test_any_other_store_url_is_left_to_sqlalchemy(url: str) -> None:
 
 
 def test_a_fresh_store_gets_the_schema_that_schema_py_builds(tmp_path: Path) -> None:
-    """SqliteStore creates a fresh file's schema from sqlite_store.SCHEMA; Store from
+    """SqliteStore creates a fresh file's schema from sqlite_schema.SCHEMA; Store from
     schema.py (migration.create_head): the same tables, indexes and revision, statement
     for statement. If this fails after a schema change, make the same change there."""
     SqliteStore.open(str(tmp_path / "raw.db")).close()

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 import structlog
 from structlog.testing import capture_logs
 
-from puller import cli, logs
+from puller import cli, logs, pulls
 from puller.config import PullerConfig
 from puller.domain import RunResult
 from puller.store import Store
@@ -159,7 +159,7 @@ async def pull_runs(config: PullerConfig, store: Store, *, scopes: list[str] | N
     """Pull every configured (tenant, scope), or `scopes`, once, as `puller pull` does."""
     jobs = cli.select_jobs(config, [], scopes or [], trigger="test")
     extra = {} if sleep is None else {"sleep": sleep}
-    return await cli.pull_now(config, jobs, store, concurrency=concurrency, **extra)
+    return await pulls.pull_now(config, jobs, store, concurrency=concurrency, **extra)
 
 
 async def pull_one(config: PullerConfig, store: Store, **kw: Any) -> RunResult:

@@ -7,26 +7,24 @@ import asyncio
 import atexit
 import gc
 import os
-import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from puller import (
     __version__,
     errors,
     fanout,
     logs,
-    pg_store,
     pipeline,
+    pulls,
     report,
-    sqlite_store,
 )
 from puller.config import PullerConfig, dialect_of, load_config
-from puller.domain import Ack, PageOutcome, PageRequest, RunResult, Scope
+from puller.domain import Scope
 from puller.protocol import json_text
 
 if TYPE_CHECKING:
@@ -34,7 +32,7 @@ if TYPE_CHECKING:
     # `runs` and the other store commands do not need. The store (SQLAlchemy, ~0.3 s) is
     # imported where a command opens it: `pull --fetch-process` forks before that, so the
     # fetch process never imports SQLAlchemy and imports its HTTP client meanwhile.
-    from puller import client, fetcher
+    from puller import fetcher
     from puller.store import ScopeStatus, Store
 
 
@@ -254,91 +252,24 @@ def _pull_command(args: argparse.Namespace) -> int:
     dealt = fanout.shares(keys, args.processes)
     if len(dealt) > 1:
         # An empty store is created once, before any child; no connection crosses a fork.
-        _open_pull_store(config.store).close()
+        pulls.open_pull_store(config.store).close()
         return _pull_in_processes(args, config, jobs, dealt)
     # Forked before the store is imported and opened: the fetch process imports and sets up
     # its HTTP client while this process opens the store (importing SQLAlchemy for
     # PostgreSQL).
     concurrency = max(1, args.concurrency)
-    fetch = (_fetch_process(config, jobs, concurrency=concurrency) if args.fetch_process
-             else None)
+    fetch = (pulls.fetch_process(config, jobs, concurrency=concurrency)
+             if args.fetch_process else None)
     try:
-        results = _pull_into_store(config, jobs, fetch, concurrency=concurrency)
+        results = pulls.pull_into_store(config, jobs, fetch, concurrency=concurrency)
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(INTERRUPTED, file=sys.stderr)
         return EXIT_FAILED
     finally:
         if fetch is not None:
             fetch.close()
-    _print_pull_rows(_summary_rows(results), as_json=args.json)
+    _print_pull_rows(pulls.summary_rows(results), as_json=args.json)
     return EXIT_OK if all(r.status == "succeeded" for r in results) else EXIT_FAILED
-
-
-def _fetch_process(config: PullerConfig, jobs: Sequence[pipeline.Job], *,
-                   concurrency: int, worker: bool = False) -> fetcher.FetchProcess:
-    """`--fetch-process`: forked before the event loop and the store's connections."""
-    from puller import fetcher  # noqa: PLC0415 - lazy, as client
-
-    dialect = dialect_of(config.store)
-    return fetcher.FetchProcess.start(jobs, config, dialect=dialect,
-                                      appliers=_appliers(dialect, concurrency), worker=worker)
-
-
-def _appliers(dialect: str, concurrency: int) -> int:
-    """The threads that apply `--fetch-process` pages: one on SQLite, which takes one
-    writer at a time; on PostgreSQL one per concurrent sweep, at most one per core (a page
-    is written on its run's lease connection). The pages of every sweep come from one
-    fetch process, which keeps one core busy; more statements at once than cores only
-    contend for them, in this process (GIL hand-offs among the threads) and in a server on
-    the same machine. 100 tenants x 2,000 customers, --concurrency 8, two cores, six
-    interleaved A/B sets of 3-7 rounds on 2026-11-27: the median pull 1-13% shorter with 2
-    appliers than with 8 in each (page size 50: 5.94 -> 5.19, 6.18 -> 5.52, 5.82 -> 5.13,
-    5.15 -> 5.10, 6.80 -> 6.55 s; 500: 3.00 -> 2.81 s), the main process's CPU 0.2-0.3 s
-    less at page size 50."""
-    if dialect == "sqlite":
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(concurrency, cores or 1))
-
-
-def _pull_into_store(config: PullerConfig, jobs: Sequence[pipeline.Job],
-                     fetch: fetcher.FetchProcess | None, *, concurrency: int,
-                     live: bool = True) -> list[RunResult]:
-    """Open the store, pull the jobs, close the store."""
-    store = _open_pull_store(config.store)
-    try:
-        return pipeline.run_event_loop(_pull(
-            config, jobs, store, concurrency=concurrency, live=live,
-            feeds=None if fetch is None else fetch.feed))
-    finally:
-        if fetch is not None:
-            fetch.stop()  # its sweeps are done: it ends while the store closes
-        store.close()
-
-
-def _open_store(url: str, *, check_schema: bool = True) -> Store:
-    from puller.store import Store  # noqa: PLC0415 - SQLAlchemy, after any fetch process fork
-
-    return Store.open(url, check_schema=check_schema)
-
-
-class PullStore(pipeline.PageSink, Protocol):
-    """What `puller pull` writes to: store.Store, or sqlite_store.SqliteStore."""
-
-    def close(self) -> None: ...
-
-
-def _open_pull_store(url: str) -> PullStore:
-    """The store a pull writes to, without SQLAlchemy (its import was ~0.19 s of the pull's
-    start-up): a SQLite file (sqlite_store.py) or a PostgreSQL database (pg_store.py) named
-    by a URL without query options; any other through SQLAlchemy (store.Store)."""
-    path = sqlite_store.database_path(url)
-    if path is not None:
-        return sqlite_store.SqliteStore.open(path)
-    info = pg_store.conninfo(url)
-    if info is not None:
-        return pg_store.PgStore.open(info)
-    return _open_store(url)
 
 
 def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,
@@ -353,11 +284,11 @@ def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,
         """In a forked child: pull these jobs as a lone `pull` would, without a progress bar."""
         mine = [by_key[key] for key in share]
         try:
-            fetch = (_fetch_process(config, mine, concurrency=per_child) if args.fetch_process
-                     else None)
+            fetch = (pulls.fetch_process(config, mine, concurrency=per_child)
+                     if args.fetch_process else None)
             try:
-                results = _pull_into_store(config, mine, fetch, concurrency=per_child,
-                                           live=False)
+                results = pulls.pull_into_store(config, mine, fetch, concurrency=per_child,
+                                                live=False)
             finally:
                 if fetch is not None:
                     fetch.close()
@@ -370,7 +301,7 @@ def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,
             print(f"puller: {exc}", file=sys.stderr)
             return EXIT_FAILED, []
         ok = all(r.status == "succeeded" for r in results)
-        return (EXIT_OK if ok else EXIT_FAILED), _summary_rows(results)
+        return (EXIT_OK if ok else EXIT_FAILED), pulls.summary_rows(results)
 
     outcome = fanout.pull_in_processes(dealt, list(by_key), run_share)
     if outcome.rows:
@@ -384,97 +315,6 @@ def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,
     succeeded = all(row["status"] == "succeeded" for row in outcome.rows)
     clean = not outcome.interrupted and all(code == 0 for code in outcome.exit_codes)
     return EXIT_OK if succeeded and clean else EXIT_FAILED
-
-
-async def _pull(config: PullerConfig, jobs: Sequence[pipeline.Job], store: pipeline.PageSink, *,
-                concurrency: int, live: bool = True,
-                feeds: pipeline.FeedFactory | None = None) -> list[RunResult]:
-    main_task = asyncio.current_task()
-    if main_task is not None:
-        # SIGTERM from cron/systemd: cancel like Ctrl-C, so runs are recorded as interrupted.
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    if not (live and sys.stdout.isatty()):
-        return await pull_now(config, jobs, store, concurrency=concurrency, feeds=feeds)
-    from rich.progress import (  # noqa: PLC0415 - rich where it draws (see report.table)
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                  TextColumn("{task.completed} pages · {task.fields[records]} records"),
-                  TimeElapsedColumn(), transient=True) as progress:
-        bars = {(j.tenant.id, j.scope): progress.add_task(f"{j.tenant.id}/{j.scope.value}",
-                                                          total=None, records=0) for j in jobs}
-        seen: dict[int, int] = {}
-
-        def on_page(job: pipeline.Job, outcome: PageOutcome) -> None:
-            bar = bars[(job.tenant.id, job.scope)]
-            seen[bar] = seen.get(bar, 0) + outcome.applied + outcome.stale + outcome.rejected
-            progress.update(bar, advance=1, records=seen[bar])
-
-        return await pull_now(config, jobs, store, concurrency=concurrency, on_page=on_page,
-                              feeds=feeds)
-
-
-async def pull_now(
-    config: PullerConfig, jobs: Sequence[pipeline.Job], store: pipeline.PageSink, *,
-    concurrency: int,
-    sleep: client.Sleep = asyncio.sleep, on_page: pipeline.PageHook | None = None,
-    feeds: pipeline.FeedFactory | None = None,
-) -> list[RunResult]:
-    """Pull the jobs once with a fresh HTTP client; every run's result, failed ones included.
-    `feeds`: where pages are fetched (the fetch process); by default in this process."""
-    clock = pipeline.SystemClock()
-    if feeds is not None and not any(j.callback.commit_url or j.tenant.ca_bundle for j in jobs):
-        # Nothing to acknowledge and no CA file to check: this process makes no request, so
-        # it neither imports the HTTP client (aiohttp, httpx: ~0.1 s) nor builds a TLS
-        # context. A pull of 100k at page size 500 took 8% less in scripts/bench.
-        return await pipeline.run_all(jobs, lambda job: pipeline.run_sweep(
-            job, source=_NO_REQUESTS, sink=store, clock=clock, on_page=on_page, feeds=feeds),
-            max_concurrent=concurrency)
-    from puller import client  # noqa: PLC0415 - lazy: only pulls need HTTP
-
-    async with client.HttpClients(allow_private_networks=config.allow_private_networks) as http:
-        for job in jobs:  # a bad ca_bundle is a config error before anything runs
-            http.for_tenant(job.tenant)
-
-        async def run_one(job: pipeline.Job) -> RunResult:
-            source = client.CallbackSource(
-                http.for_tenant(job.tenant), tenant=job.tenant, scope=job.scope,
-                callback=job.callback,
-                policy=config.retry, sleep=sleep,
-            )
-            return await pipeline.run_sweep(job, source=source, sink=store, clock=clock,
-                                            on_page=on_page, feeds=feeds)
-
-        return await pipeline.run_all(jobs, run_one, max_concurrent=concurrency)
-
-
-class _NoRequests:
-    """The PageSource of sweeps whose pages come from the fetch process and that have no
-    commit_url: the pipeline asks it for nothing."""
-
-    async def fetch_page(self, request: PageRequest) -> bytes:
-        raise AssertionError(f"page {request.label} asked of a sweep fed by the fetch process")
-
-    async def acknowledge(self, ack: Ack) -> None:
-        raise AssertionError("an acknowledgement asked of a sweep without commit_url")
-
-
-_NO_REQUESTS = _NoRequests()
-
-
-def _summary_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
-    return [
-        {"run_id": r.run_id, "tenant": r.tenant, "scope": r.scope.value, "status": r.status,
-         "pages": r.stats.pages, "accepted": r.stats.accepted, "rejected": r.stats.rejected,
-         "stale": r.stats.stale, "normalised": r.stats.normalised,
-         "acks_failed": r.stats.acks_failed, "duration_s": round(r.duration_s, 3),
-         "error": r.error}
-        for r in results
-    ]
 
 
 def _print_pull_rows(rows: Sequence[dict[str, Any]], *, as_json: bool) -> None:
@@ -526,8 +366,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = read_config(args.config)
         jobs = [pipeline.Job(tenant=t, scope=s, trigger="schedule")
                 for t in config.tenants for s in t.callbacks]
-        fetch = _fetch_process(config, jobs, concurrency=config.worker.max_concurrent_runs,
-                               worker=True)
+        fetch = pulls.fetch_process(config, jobs,
+                                    concurrency=config.worker.max_concurrent_runs, worker=True)
     try:
         with _opened(args.config, config=config) as (config, store):
             store.claim_single_worker()
@@ -545,10 +385,10 @@ async def _serve(config: PullerConfig, path: Path, store: Store,
 
     replace = None
     if fetch is not None:
-        from puller import fetcher  # noqa: PLC0415 - imported by _fetch_process
+        from puller import fetcher  # noqa: PLC0415 - imported by pulls.fetch_process
 
         dialect = dialect_of(config.store)
-        appliers = _appliers(dialect, config.worker.max_concurrent_runs)
+        appliers = pulls.appliers(dialect, config.worker.max_concurrent_runs)
 
         def replace() -> fetcher.FetchProcess:
             # Started afresh, not forked: the worker has threads by now.
@@ -577,7 +417,7 @@ def _opened(path: Path, *, check_schema: bool = True, config: PullerConfig | Non
     """The config at `path` (or `config`, read from it already) and its store, closed
     afterwards."""
     config = config or read_config(path)
-    store = _open_store(config.store, check_schema=check_schema)
+    store = pulls.open_store(config.store, check_schema=check_schema)
     try:
         yield config, store
     finally:

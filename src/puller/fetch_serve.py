@@ -61,7 +61,7 @@ def serve(jobs: Sequence[pipeline.Job], config: PullerConfig, control: int, page
     code = 0
     try:
         # Imported here, not before the fork: the main process needs no HTTP client unless
-        # it acknowledges pages (cli.pull_now). Frozen as the main process froze its own.
+        # it acknowledges pages (pulls.pull_now). Frozen as the main process froze its own.
         from puller import client  # noqa: F401, PLC0415
 
         gc.freeze()

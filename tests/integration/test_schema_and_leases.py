@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from puller import cli, errors, migration, schema
+from puller import cli, errors, migration, pulls, schema
 from puller.domain import Scope
 from puller.store import Store, create_store_engine
 from puller.tenant_server import TenantServer
@@ -202,12 +202,12 @@ async def test_a_pull_skips_a_scope_leased_elsewhere(
     jobs = cli.select_jobs(config, [], [], trigger="test")
     with store.lease(tenant_id, Scope.CUSTOMER) as held:
         assert held
-        (result,) = await cli.pull_now(config, jobs, store, concurrency=1)
+        (result,) = await pulls.pull_now(config, jobs, store, concurrency=1)
     assert result.status == "skipped" and result.error is not None
     assert "another process is pulling" in result.error
     assert store.list_runs(tenant=tenant_id) == []
     assert [p for p, _, _ in tenant_server.requests if p.startswith(f"/{tenant_id}/")] == []
-    (after,) = await cli.pull_now(config, jobs, store, concurrency=1)
+    (after,) = await pulls.pull_now(config, jobs, store, concurrency=1)
     assert after.status == "succeeded"
 
 

@@ -1,6 +1,6 @@
 """The fetch process's pipes: the pages pipe holds a page of 500 customers whole; the
 control pipe is read by the event loop, each message whole however the pipe splits it. And
-how many applier threads take its pages (cli._appliers)."""
+how many applier threads take its pages (pulls.appliers)."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ async def test_control_messages_are_read_whole_however_the_pipe_splits_them(piec
 
 def test_appliers_one_on_sqlite_and_at_most_one_a_core_on_postgresql(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from puller import cli
+    from puller import pulls
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
-    assert [cli._appliers("sqlite", n) for n in (1, 8)] == [1, 1]
-    assert [cli._appliers("postgresql", n) for n in (1, 2, 8)] == [1, 2, 2]
+    assert [pulls.appliers("sqlite", n) for n in (1, 8)] == [1, 1]
+    assert [pulls.appliers("postgresql", n) for n in (1, 2, 8)] == [1, 2, 2]

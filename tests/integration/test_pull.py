@@ -13,7 +13,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from puller import pipeline, prefetch, records, schema, shapes
+from puller import applying, pipeline, prefetch, records, schema, shapes
 from puller.config import TenantConfig
 from puller.domain import Checkpoint, Scope
 from puller.records import validate_page
@@ -510,10 +510,11 @@ async def test_status_shows_checkpoint_and_last_run(
     assert product.checkpoint is None and product.last_run is None
 
 
-@pytest.mark.parametrize("module", [pipeline, prefetch], ids=["pipeline", "prefetch"])
+@pytest.mark.parametrize("module", [pipeline, applying, prefetch],
+                         ids=["pipeline", "applying", "prefetch"])
 def test_pipeline_module_needs_no_http_or_sql(module: ModuleType) -> None:
-    """pipeline (and its producer, prefetch) talk to ports only (STYLE.md); the
-    import-linter contract enforces the rest."""
+    """pipeline (and its page applying and its producer, prefetch) talk to ports only
+    (STYLE.md); the import-linter contract enforces the rest."""
     assert module.__file__ is not None
     text = Path(module.__file__).read_text(encoding="utf-8")
     assert "import httpx" not in text and "sqlalchemy" not in text

@@ -1,5 +1,5 @@
-"""Pages fetched ahead are applied together in one thread call (pipeline._apply_ready), or
-on the feed's own thread as the feed pushes them (pipeline._apply_pushed, the fetch
+"""Pages fetched ahead are applied together in one thread call (applying._apply_ready), or
+on the feed's own thread as the feed pushes them (applying._apply_pushed, the fetch
 process's feed), with the same semantics as one page at a time: one transaction per page,
 in order, the checkpoint with the page, a failure raised only after the pages before it,
 the hooks and credits per page, and a stop honoured after the page in hand. A feed that

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from puller import merge
+from puller import fast_rules, merge
 from puller import records as rules
 from puller.domain import Accepted, Scope, StoreRows
 from puller.protocol import json_text
@@ -27,7 +27,7 @@ and text order is time order because every value is UTC."""
 
 
 LAYOUTS: dict[Scope, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    Scope.CUSTOMER: (rules.CUSTOMER_COLUMNS, ("extra",)),
+    Scope.CUSTOMER: (fast_rules.CUSTOMER_COLUMNS, ("extra",)),
     Scope.ORDER: (("customer_id",), ("payload",)),
     Scope.PRODUCT: ((), ("payload",)),
 }
@@ -94,7 +94,7 @@ def customer_rows(valid: rules.ValidCustomers, dialect: str) -> StoreRows | None
     of 500 customers on SQLite: records then rows 1.7 ms, these rows 0.6 ms. None when the
     page needs more: an id sent twice (prepare keeps the newest), or a timestamp of the
     right shape that is no date."""
-    ids = [rules.customer_id_text(key) for key in map(_CUSTOMER_ID, valid.records)]
+    ids = [fast_rules.customer_id_text(key) for key in map(_CUSTOMER_ID, valid.records)]
     return _straight_rows(ids, dialect, lambda: (
         _sqlite_customers(valid, ids) if dialect == "sqlite" else _pg_customers(valid, ids)))
 
@@ -114,7 +114,8 @@ def _straight_rows(ids: list[str], dialect: str, build: Callable[[], Any]) -> St
 
 
 _CUSTOMER_ID = itemgetter("customer_id")
-_CUSTOMER_PLAIN = itemgetter(*rules.CUSTOMER_COLUMNS)  # LAYOUTS[Scope.CUSTOMER]: these, then extra
+# LAYOUTS[Scope.CUSTOMER]: these, then extra
+_CUSTOMER_PLAIN = itemgetter(*fast_rules.CUSTOMER_COLUMNS)
 
 
 def _sqlite_customers(valid: rules.ValidCustomers, ids: list[str]) -> list[str]:
@@ -136,14 +137,14 @@ def _sqlite_customers(valid: rules.ValidCustomers, ids: list[str]) -> list[str]:
 
 def _sqlite_time_of(text: str) -> str:
     """The SQLite text of a fast-path timestamp; raises ValueError for one of the right
-    shape that is no date (2024-13-01), as records.utc does. Whole seconds in UTC
-    ("2024-12-01T10:30:00Z", what tenants mostly send: records._FAST_TIME's shape at 20
+    shape that is no date (2024-13-01), as fast_rules.utc does. Whole seconds in UTC
+    ("2024-12-01T10:30:00Z", what tenants mostly send: fast_rules._FAST_TIME's shape at 20
     characters) are copied from the text once parsing has checked the date (an offset of
     zero cannot leave the years 1 to 9999): a third of the cost of formatting the time."""
     if len(text) == 20 and text[19] == "Z":
         datetime.fromisoformat(text)
         return f"{text[:10]} {text[11:19]}.000000"
-    return sqlite_time(rules.utc(text))
+    return sqlite_time(fast_rules.utc(text))
 
 
 ExtraText = Callable[[dict[str, Any], dict[str, Any]], str]
@@ -151,7 +152,7 @@ ExtraText = Callable[[dict[str, Any], dict[str, Any]], str]
 
 
 def extra_texts() -> ExtraText:
-    """customer_extra_text for one page's records: what records.extra_fields gives, as
+    """customer_extra_text for one page's records: what fast_rules.extra_fields gives, as
     its stored JSON text (json_text's), for SQLite's rows. One field beyond the declared
     ones, as tenants mostly send, is written without its dict, around orjson's text of its
     value (the same text): SQLite's rows of a page of 500 customers with one such field
@@ -160,7 +161,7 @@ def extra_texts() -> ExtraText:
     its keys' layout (a tuple of them, hashed): 7.4k -> 5.3k instructions a record
     (callgrind)."""
     layouts: dict[tuple[str, ...], tuple[str, str | None]] = {}
-    as_dict = rules.extra_fields()
+    as_dict = fast_rules.extra_fields()
     # The one extra field of the last record that had one, and its text's head; a head of
     # None sends a record the general way (json_text of the dict).
     lone_name, lone_head = "", None
@@ -171,7 +172,7 @@ def extra_texts() -> ExtraText:
         keys = tuple(sent)
         layout = layouts.get(keys)
         if layout is None:
-            names = [key for key in keys if key not in rules.CUSTOMER_FIELDS]
+            names = [key for key in keys if key not in fast_rules.CUSTOMER_FIELDS]
             layout = layouts[keys] = (
                 (names[0], "{" + json_text(names[0]) + ":") if len(names) == 1 else ("", None))
         if layout[1] is not None:
@@ -179,7 +180,7 @@ def extra_texts() -> ExtraText:
         return layout
 
     def customer_extra_text(record: dict[str, Any], sent: dict[str, Any]) -> str:
-        # `record` holds the declared fields of `sent` and no other (records.extra_fields),
+        # `record` holds the declared fields of `sent` and no other (fast_rules.extra_fields),
         # so `sent` has `extras` fields beyond them; when that is one and the last lone
         # field (never a declared name) is among them, it is that one.
         extras = len(sent) - len(record)
@@ -228,7 +229,7 @@ def _sqlite_payloads(scope: Scope, valid: rules.ValidPayloads, ids: list[str]) -
 
 
 def _pg_payloads(scope: Scope, valid: rules.ValidPayloads, ids: list[str]) -> str:
-    utc, keys = rules.utc, PG_KEYS[scope]
+    utc, keys = fast_rules.utc, PG_KEYS[scope]
     id_key, time_key, deleted_key, payload_key = (
         keys[scope.id_field], keys["last_modified_date"], keys["deleted_at"], keys["payload"])
     customer_key = keys.get("customer_id")  # orders only
@@ -250,11 +251,11 @@ NO_TIME = ""
 
 
 def _pg_customers(valid: rules.ValidCustomers, ids: list[str]) -> str:
-    utc, extra = rules.utc, rules.extra_fields()
+    utc, extra = fast_rules.utc, fast_rules.extra_fields()
     keys = PG_KEYS[Scope.CUSTOMER]
     id_key, time_key, deleted_key, extra_key = (
         keys["customer_id"], keys["last_modified_date"], keys["deleted_at"], keys["extra"])
-    plain = [(keys[name], name) for name in rules.CUSTOMER_COLUMNS]
+    plain = [(keys[name], name) for name in fast_rules.CUSTOMER_COLUMNS]
     documents = []
     for record_id, record, sent in zip(ids, valid.records, valid.sent, strict=True):
         deleted = record.get("deleted_at")
@@ -271,7 +272,7 @@ def pg_document(records: Sequence[Accepted], scope: Scope) -> str:
     """The records as the one JSON document of pg_store.page_statement, each an object keyed by
     PG_KEYS. orjson writes the aware datetimes as RFC 3339 text itself (2.5 ms a page of
     500 customers with isoformat() in Python, 1.0 ms so); every Accepted time is UTC
-    (records.utc, records._timestamp)."""
+    (fast_rules.utc, records._timestamp)."""
     keys = PG_KEYS[scope]
     id_key, time_key, deleted_key = (
         keys[scope.id_field], keys["last_modified_date"], keys["deleted_at"])

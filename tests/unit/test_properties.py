@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
-from puller import errors, forms, pg_store, protocol, shapes, sqlite_store
+from puller import errors, fast_rules, forms, pg_store, protocol, shapes, sqlite_store
 from puller import records as rules
 from puller.config import PullerConfig, load_config
 from puller.domain import Checkpoint, Scope, StoreRows, Where
@@ -140,7 +140,7 @@ def test_the_fast_path_accepts_only_what_the_rules_accept_and_yields_the_same(
     it accepts it turns into exactly the same stored values."""
     scope, record = case
     valid = rules._fast_valid(scope, [record], normalize_case=False)
-    fast = None if valid is None else rules._fast_accepted(scope, valid[0], valid[1])
+    fast = None if valid is None else fast_rules.accepted_page(scope, valid[0], valid[1])
     explained = rules._slow_page(scope, [record], normalize_case=False)
     event("fast path took it" if fast is not None else
           "rules accepted, fast path refused" if explained.accepted else "both refused")
@@ -152,7 +152,7 @@ def test_the_fast_path_accepts_only_what_the_rules_accept_and_yields_the_same(
 def test_fast_blank_check_agrees_with_python_on_every_code_point() -> None:
     """Rust's \\s and Python's str.isspace differ; the fast pattern makes up the difference."""
     adapter = TypeAdapter(list[Annotated[str, StringConstraints(
-        pattern=f"^{rules._FAST_NOT_BLANK}$")]])
+        pattern=f"^{fast_rules._FAST_NOT_BLANK}$")]])
     chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
     try:
         adapter.validate_python(chars)
@@ -329,13 +329,13 @@ def test_money_ok_refuses_what_nests_too_deep_as_money_problems_does() -> None:
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
 @given(pages=st.lists(st.dictionaries(
-    st.text(max_size=12).filter(lambda key: key not in rules.CUSTOMER_FIELDS), any_json,
+    st.text(max_size=12).filter(lambda key: key not in fast_rules.CUSTOMER_FIELDS), any_json,
     max_size=3), min_size=1, max_size=4))
 def test_the_extra_fields_text_in_sqlite_rows_is_json_text_of_the_extra_fields(
     pages: list[dict[str, Any]],
 ) -> None:
     """forms.extra_texts, which writes one extra field without its dict, gives for each
-    record of a page the text json_text gives of records.extra_fields' dict: any JSON
+    record of a page the text json_text gives of fast_rules.extra_fields' dict: any JSON
     value (integers beyond 64 bits, objects, texts to escape), any name, no field, one or
     several, the page's records in several layouts (each found once)."""
     page = _customers_with(pages, first=lambda number: number % 2 == 1)
@@ -360,7 +360,7 @@ def _customers_with(extras: list[dict[str, Any]], *,
 
 
 def _assert_extra_texts_are_json_text(valid: rules.ValidCustomers) -> None:
-    as_text, as_dict = forms.extra_texts(), rules.extra_fields()
+    as_text, as_dict = forms.extra_texts(), fast_rules.extra_fields()
     for record, sent in zip(valid.records, valid.sent, strict=True):
         assert as_text(record, sent) == protocol.json_text(as_dict(record, sent))
 

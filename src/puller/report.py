@@ -47,7 +47,7 @@ def table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) ->
 
 
 def _plain_table(title: str, rows: Sequence[dict[str, Any]],
-                       columns: Sequence[str]) -> None:
+                 columns: Sequence[str]) -> None:
     """The table as plain text: a row a line, never wrapped, columns two spaces apart,
     numbers aligned right, a line break in a cell written as \\n. Off a terminal no one
     sees rich's box and colours, and its import and drawing were the last ~70 ms of every

@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -280,9 +280,7 @@ class Worker:
         self.metrics.fetch_process_up.set(0)
         # Gone already; closing it reaps it and ends its threads once its appliers have
         # applied the pages it sent (each a transaction): in a thread, not on this loop.
-        closing = asyncio.create_task(asyncio.to_thread(fetch.close))
-        self._background.add(closing)
-        closing.add_done_callback(self._background.discard)
+        self._in_background(asyncio.to_thread(fetch.close))
         young = self._replaced and time.monotonic() - self._fetch_since < REPLACE_AFTER_S
         self._replace_at = time.monotonic() + (REPLACE_AFTER_S if young else 0.0)
         if self._replace_fetch is None:
@@ -352,7 +350,12 @@ class Worker:
             await asyncio.sleep(HEARTBEAT_S)
 
     def _start_maintenance(self) -> None:
-        task = asyncio.create_task(self.maintain(self._clock.now()))
+        self._in_background(self.maintain(self._clock.now()))
+
+    def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run `work` as a task that the worker keeps (asyncio holds only weak references
+        to tasks) until it ends, and cancels when it stops."""
+        task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -1,7 +1,7 @@
 """Run leases: one process at a time per (tenant, scope), and one worker per SQLite file.
 
 PostgreSQL: a session advisory lock on a connection of its own. SQLite: an flock on a file
-beside the database (sqlite_store.FileLeases). Both die with the process, so a crashed
+beside the database (file_leases.FileLeases). Both die with the process, so a crashed
 worker never blocks anyone.
 """
 
@@ -16,8 +16,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from puller import dberror, errors
 from puller.domain import Scope
+from puller.file_leases import FileLeases, worker_id
 from puller.pg_store import LEASE_CLASS, lease_key
-from puller.sqlite_store import FileLeases, worker_id
 
 __all__ = ["LEASE_CLASS", "Leases", "worker_id"]
 

@@ -30,6 +30,7 @@ from puller.domain import (
     Scope,
     StoreRows,
 )
+from puller.file_leases import worker_id
 from puller.forms import LAYOUTS, PG_KEYS, record_columns
 from puller.protocol import json_text
 from puller.sqlite_schema import SCHEMA_HEAD
@@ -39,7 +40,6 @@ from puller.sqlite_store import (
     TABLES,
     store_error,
     upsert_clause,
-    worker_id,
 )
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """SQLite's store without SQLAlchemy: the page transaction and a run's own rows on one
-writer connection, the leases' file locks, and a fresh store's schema (sqlite_schema;
-issue #5).
+writer connection, the leases' file locks (file_leases), and a fresh store's schema
+(sqlite_schema; issue #5).
 
 `store.Store` keeps SQLAlchemy for every command and both databases; on SQLite it writes
 through `SqliteWriter` below. `puller pull` on a SQLite store needs nothing else, so it
@@ -11,9 +11,7 @@ while the fetch process, ready sooner, waited for the first sweep).
 
 from __future__ import annotations
 
-import fcntl
 import os
-import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +19,7 @@ from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 from puller import dberror, errors, forms
@@ -36,6 +34,7 @@ from puller.domain import (
     Scope,
     StoreRows,
 )
+from puller.file_leases import FileLeases, worker_id
 from puller.forms import NO_TIME, record_columns, sqlite_time, sqlite_width
 from puller.protocol import json_text
 from puller.sqlite_schema import ensure_schema
@@ -46,12 +45,6 @@ TABLES = {Scope.CUSTOMER: "customers", Scope.ORDER: "orders", Scope.PRODUCT: "pr
 
 _FROM_PAGE = ("tenant_id", "run_id", "stored_at")  # bound once per page, not per row
 ABANDONED = "the process ended without finishing this run"
-
-
-def worker_id() -> str:
-    """host:pid of this process, asked each time: a forked `pull --processes` child has
-    its own pid."""
-    return f"{socket.gethostname()}:{os.getpid()}"[:100]
 
 
 def database_path(url: str) -> str | None:
@@ -353,62 +346,6 @@ class SqliteWriter:
                                     "deleted while it ran; its pages are stored, and the "
                                     "next run resumes at the checkpoint")
         return RunStats(*found)
-
-
-# ---------------------------------------------------------------- the leases
-class FileLeases:
-    """SQLite's leases: an flock on a file beside the database (in PATH-locks/), which dies
-    with the process, so a crashed worker never blocks anyone."""
-
-    def __init__(self, database: str | None) -> None:
-        self._folder = (None if not database or database == ":memory:"
-                        else Path(f"{database}-locks"))
-        self._worker_lock: TextIO | None = None
-
-    @contextmanager
-    def hold(self, tenant: str, scope: Scope) -> Iterator[bool]:
-        """Hold the (tenant, scope) lease for a run, if free; yields whether it is held."""
-        folder = self._made()
-        if folder is None:
-            yield True
-            return
-        with open(folder / f"{tenant}.{scope.value}.lock", "a+", encoding="utf-8") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def claim_single_worker(self) -> None:
-        """Refuse a second worker process on the same SQLite file (held until exit)."""
-        folder = self._made()
-        if folder is None:
-            return
-        handle = open(folder / "worker.lock", "a+", encoding="utf-8")  # noqa: SIM115
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            handle.close()
-            raise errors.StoreBusyError(
-                f"another puller worker ({owner}) is already running on this SQLite store; "
-                "SQLite serves one worker — stop that one, or move the store to PostgreSQL "
-                "to run several") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(worker_id())
-        handle.flush()
-        self._worker_lock = handle  # held (and the lock with it) until the process ends
-
-    def _made(self) -> Path | None:
-        if self._folder is not None:
-            self._folder.mkdir(parents=True, exist_ok=True)
-        return self._folder
 
 
 # ---------------------------------------------------------------- the pull's store

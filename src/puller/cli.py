@@ -9,8 +9,8 @@ import gc
 import os
 import sys
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -22,10 +22,12 @@ from puller import (
     pipeline,
     pulls,
     report,
+    store_commands,
 )
-from puller.config import PullerConfig, dialect_of, load_config
+from puller.config import PullerConfig, dialect_of
+from puller.config_file import read_config
 from puller.domain import Scope
-from puller.protocol import json_text
+from puller.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
     # Imported where HTTP is needed: aiohttp's import alone is ~0.25 s that `status`,
@@ -33,12 +35,9 @@ if TYPE_CHECKING:
     # imported where a command opens it: `pull --fetch-process` forks before that, so the
     # fetch process never imports SQLAlchemy and imports its HTTP client meanwhile.
     from puller import fetcher
-    from puller.store import ScopeStatus, Store
+    from puller.store import Store
 
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 DEFAULT_CONCURRENCY = 8
 INTERRUPTED = ("puller: interrupted — runs in flight were recorded as interrupted; the next "
                "pull resumes at their checkpoints")
@@ -98,8 +97,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="JSON log lines even on a terminal (default: JSON off a terminal)")
     sub = parser.add_subparsers(dest="command")
     _add_pull(sub)
-    _add_worker_and_views(sub)
-    _add_admin(sub)
+    _add_run(sub)
+    store_commands.add_views(sub)
+    store_commands.add_admin(sub)
     return parser
 
 
@@ -121,84 +121,13 @@ def _add_pull(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pull.set_defaults(handler=_cmd_pull)
 
 
-def _add_worker_and_views(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    status = sub.add_parser("status", help="checkpoint and last run per tenant and scope")
-    status.add_argument("--config", required=True, type=Path)
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(handler=_cmd_status)
-
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser("run", help="the long-lived worker: pull every callback on schedule")
     run.add_argument("--config", required=True, type=Path)
     run.add_argument("--fetch-process", action="store_true",
                      help="fetch, parse and validate every run's pages in a second process, "
                      "so that the worker uses two cores (see README, Operations)")
     run.set_defaults(handler=_cmd_run)
-
-    runs = sub.add_parser("runs", help="recent runs, newest first")
-    _add_view_args(runs)
-    runs.add_argument("--status", choices=["running", "succeeded", "failed", "interrupted",
-                                           "abandoned"])
-    runs.set_defaults(handler=_cmd_runs)
-
-    rejects = sub.add_parser("rejects", help="rejected records with their reasons")
-    _add_view_args(rejects)
-    rejects.add_argument("--run", type=int, help="only this run id")
-    rejects.set_defaults(handler=_cmd_rejects)
-
-
-def _add_admin(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    purge = sub.add_parser("purge", help="delete what retention allows, now")
-    purge.add_argument("--config", required=True, type=Path)
-    purge.set_defaults(handler=_cmd_purge)
-
-    forget = sub.add_parser("forget", help="erase one customer's personal data now (GDPR)")
-    forget.add_argument("--config", required=True, type=Path)
-    forget.add_argument("--tenant", required=True)
-    forget.add_argument("--customer", required=True, help="the customer_id")
-    forget.set_defaults(handler=_cmd_forget)
-
-    db = sub.add_parser("db", help="the store's schema (Alembic migrations)")
-    db_sub = db.add_subparsers(dest="db_command", required=True)
-    for name, handler, text in (
-        ("upgrade", _cmd_db_upgrade, "upgrade the schema to this puller's revision"),
-        ("current", _cmd_db_current, "show the schema revision (exit 1 when not current)"),
-    ):
-        command = db_sub.add_parser(name, help=text)
-        command.add_argument("--config", required=True, type=Path)
-        command.set_defaults(handler=handler)
-
-    config = sub.add_parser("config", help="configuration tools")
-    config_sub = config.add_subparsers(dest="config_command", required=True)
-    check = config_sub.add_parser("check", help="validate a config file without running")
-    check.add_argument("path", type=Path)
-    check.set_defaults(handler=_cmd_config_check)
-
-
-def _add_view_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, type=Path)
-    parser.add_argument("--tenant")
-    parser.add_argument("--scope", type=lambda v: Scope.parse(v).value)
-    parser.add_argument("--limit", type=int, default=50)
-    parser.add_argument("--json", action="store_true")
-
-
-def read_config(path: Path) -> PullerConfig:
-    """Read and validate a config file; a missing file is a config error."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise errors.ConfigError(
-            path=str(path), problem=f"cannot read the file ({exc.strerror})",
-            hint="check the --config path",
-        ) from None
-    if mode & 0o007:
-        # The file names tenants, URLs and which variables hold their secrets.
-        logs.get_logger().warning(
-            "config_readable_by_others", path=str(path), mode=oct(mode & 0o777),
-            hint=f"chmod o-rwx {path} (e.g. 640, owned by the puller user)")
-    return load_config(text, os.environ, source=str(path))
-
 
 def select_jobs(config: PullerConfig, tenants: Sequence[str], scopes: Sequence[str],
                 *, trigger: str) -> list[pipeline.Job]:
@@ -254,20 +183,12 @@ def _pull_command(args: argparse.Namespace) -> int:
         # An empty store is created once, before any child; no connection crosses a fork.
         pulls.open_pull_store(config.store).close()
         return _pull_in_processes(args, config, jobs, dealt)
-    # Forked before the store is imported and opened: the fetch process imports and sets up
-    # its HTTP client while this process opens the store (importing SQLAlchemy for
-    # PostgreSQL).
-    concurrency = max(1, args.concurrency)
-    fetch = (pulls.fetch_process(config, jobs, concurrency=concurrency)
-             if args.fetch_process else None)
     try:
-        results = pulls.pull_into_store(config, jobs, fetch, concurrency=concurrency)
+        results = pulls.pull_jobs(config, jobs, concurrency=max(1, args.concurrency),
+                                  fetch_process=args.fetch_process)
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(INTERRUPTED, file=sys.stderr)
         return EXIT_FAILED
-    finally:
-        if fetch is not None:
-            fetch.close()
     _print_pull_rows(pulls.summary_rows(results), as_json=args.json)
     return EXIT_OK if all(r.status == "succeeded" for r in results) else EXIT_FAILED
 
@@ -284,14 +205,8 @@ def _pull_in_processes(args: argparse.Namespace, config: PullerConfig,
         """In a forked child: pull these jobs as a lone `pull` would, without a progress bar."""
         mine = [by_key[key] for key in share]
         try:
-            fetch = (pulls.fetch_process(config, mine, concurrency=per_child)
-                     if args.fetch_process else None)
-            try:
-                results = pulls.pull_into_store(config, mine, fetch, concurrency=per_child,
-                                                live=False)
-            finally:
-                if fetch is not None:
-                    fetch.close()
+            results = pulls.pull_jobs(config, mine, concurrency=per_child,
+                                      fetch_process=args.fetch_process, live=False)
         except (KeyboardInterrupt, asyncio.CancelledError):
             return EXIT_FAILED, []
         except errors.ConfigError as exc:
@@ -329,35 +244,6 @@ def _print_pull_rows(rows: Sequence[dict[str, Any]], *, as_json: bool) -> None:
             print(f"  run {row['run_id']} ({row['tenant']}/{row['scope']}): {row['error']}")
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    with _opened(args.config) as (config, store):
-        statuses = store.status([(t.id, s) for t in config.tenants for s in t.callbacks])
-    rows = [_status_row(s) for s in statuses]
-    report.rows("puller status", rows, ["tenant", "scope", "next", "last_run", "last_status",
-                                        "last_started_at", "pages", "accepted", "rejected",
-                                        "stale"], as_json=args.json)
-    return EXIT_OK
-
-
-def _status_row(status: ScopeStatus) -> dict[str, Any]:
-    cp = status.checkpoint
-    if cp is None or cp.is_fresh:
-        position = "new sweep"
-    elif cp.next_page is not None:
-        position = f"page {cp.next_page}"
-    else:
-        position = f"page {cp.next_number} (cursor)"
-    run = status.last_run or {}
-    started = run.get("started_at")
-    return {
-        "tenant": status.tenant, "scope": status.scope, "next": position,
-        "last_run": run.get("id"), "last_status": run.get("status", "never run"),
-        "last_started_at": started.isoformat(timespec="seconds") if started else None,
-        "pages": run.get("pages"), "accepted": run.get("accepted"),
-        "rejected": run.get("rejected"), "stale": run.get("stale"), "error": run.get("error"),
-    }
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     fetch = config = None
     if args.fetch_process:
@@ -366,10 +252,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = read_config(args.config)
         jobs = [pipeline.Job(tenant=t, scope=s, trigger="schedule")
                 for t in config.tenants for s in t.callbacks]
-        fetch = pulls.fetch_process(config, jobs,
-                                    concurrency=config.worker.max_concurrent_runs, worker=True)
+        fetch = pulls.start_fetch_process(
+            config, jobs, concurrency=config.worker.max_concurrent_runs, worker=True)
     try:
-        with _opened(args.config, config=config) as (config, store):
+        with store_commands.opened(args.config, config=config) as (config, store):
             store.claim_single_worker()
             pipeline.run_event_loop(_serve(config, args.config, store, fetch))
     finally:
@@ -381,11 +267,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 async def _serve(config: PullerConfig, path: Path, store: Store,
                  fetch: fetcher.FetchProcess | None = None) -> None:
     # Imported here: APScheduler and prometheus-client are start-up cost `pull` never needs.
-    from puller import client, worker  # noqa: PLC0415 - lazy: only `run` needs them
+    from puller import client, ops_server, worker  # noqa: PLC0415 - lazy: only `run` needs them
 
     replace = None
     if fetch is not None:
-        from puller import fetcher  # noqa: PLC0415 - imported by pulls.fetch_process
+        from puller import fetcher  # noqa: PLC0415 - imported by pulls.start_fetch_process
 
         dialect = dialect_of(config.store)
         appliers = pulls.appliers(dialect, config.worker.max_concurrent_runs)
@@ -399,7 +285,7 @@ async def _serve(config: PullerConfig, path: Path, store: Store,
                                 http=http, fetch=fetch, replace_fetch=replace)
         ops = None
         if config.worker.metrics_port:
-            ops = worker.OpsServer(serving, host=config.worker.metrics_host,
+            ops = ops_server.OpsServer(serving, host=config.worker.metrics_host,
                                    port=config.worker.metrics_port).start()
             logs.get_logger().info("ops_server_started", host=config.worker.metrics_host,
                                    port=ops.port, paths=["/metrics", "/healthz"])
@@ -409,87 +295,3 @@ async def _serve(config: PullerConfig, path: Path, store: Store,
         finally:
             if ops is not None:
                 ops.stop()
-
-
-@contextmanager
-def _opened(path: Path, *, check_schema: bool = True, config: PullerConfig | None = None
-            ) -> Iterator[tuple[PullerConfig, Store]]:
-    """The config at `path` (or `config`, read from it already) and its store, closed
-    afterwards."""
-    config = config or read_config(path)
-    store = pulls.open_store(config.store, check_schema=check_schema)
-    try:
-        yield config, store
-    finally:
-        store.close()
-
-
-def _cmd_runs(args: argparse.Namespace) -> int:
-    with _opened(args.config) as (_, store):
-        rows = store.list_runs(tenant=args.tenant, scope=args.scope, status=args.status,
-                               limit=args.limit)
-    report.rows("puller runs", rows, ["id", "tenant_id", "scope", "trigger", "status",
-                                      "started_at", "finished_at", "pages", "accepted",
-                                      "rejected", "stale", "error"], as_json=args.json)
-    return EXIT_OK
-
-
-def _cmd_rejects(args: argparse.Namespace) -> int:
-    with _opened(args.config) as (_, store):
-        rows = store.list_rejects(tenant=args.tenant, scope=args.scope, run_id=args.run,
-                                  limit=args.limit)
-    if not args.json:
-        rows = [{**r, "reasons": "; ".join(r["reasons"]),
-                 "record": json_text(r["record"])[:80]} for r in rows]
-    report.rows("puller rejects", rows, ["id", "tenant_id", "scope", "run_id", "page",
-                                         "position", "reasons", "record"], as_json=args.json)
-    return EXIT_OK
-
-
-def _cmd_purge(args: argparse.Namespace) -> int:
-    with _opened(args.config) as (config, store):
-        retention = config.retention
-        removed = store.purge(now=pipeline.SystemClock().now(),
-                              soft_deleted_s=retention.soft_deleted_s,
-                              rejected_s=retention.rejected_s, runs_s=retention.runs_s)
-    logs.get_logger().info("purge_finished", **removed)
-    print("purged: " + ", ".join(f"{count} {what}" for what, count in removed.items()))
-    return EXIT_OK
-
-
-def _cmd_forget(args: argparse.Namespace) -> int:
-    with _opened(args.config) as (config, store):
-        config.tenant(args.tenant)
-        erased = store.forget_customer(args.tenant, args.customer)
-    # Logged: that an erasure happened and how much; never which customer (it is personal).
-    logs.get_logger().info("customer_forgotten", tenant=args.tenant, **erased)
-    print(f"erased: {erased['customers']} customer row(s), {erased['rejected']} rejected "
-          "record(s). The tenant must stop exporting this customer, or the next sweep "
-          "stores it again.")
-    return EXIT_OK
-
-
-def _cmd_db_upgrade(args: argparse.Namespace) -> int:
-    with _opened(args.config, check_schema=False) as (_, store):
-        before, _ = store.schema_revision()
-        revision = store.upgrade_schema()
-    print(f"schema upgraded from {before or 'empty'} to {revision} (current)")
-    return EXIT_OK
-
-
-def _cmd_db_current(args: argparse.Namespace) -> int:
-    with _opened(args.config, check_schema=False) as (_, store):
-        current, needed = store.schema_revision()
-    if current == needed:
-        print(f"schema revision {current} (current)")
-        return EXIT_OK
-    print(f"schema revision {current or 'none'}; this puller needs {needed} — run "
-          "`puller db upgrade --config PATH`")
-    return EXIT_FAILED
-
-
-def _cmd_config_check(args: argparse.Namespace) -> int:
-    config = read_config(args.path)
-    callbacks = sum(len(t.callbacks) for t in config.tenants)
-    print(f"{args.path}: valid — {len(config.tenants)} tenants, {callbacks} callbacks")
-    return EXIT_OK

@@ -21,6 +21,13 @@ Messages never carry URLs with query strings, header values or secrets.
 
 from __future__ import annotations
 
+EXIT_OK = 0
+"""Every run succeeded; the command did what it said."""
+EXIT_FAILED = 1
+"""A run failed, the store failed, or the command was interrupted."""
+EXIT_USAGE = 2
+"""The command line or the config is wrong (ConfigError): nothing ran."""
+
 
 class Transient:
     """Marker: trying the same thing again later may succeed."""

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from puller.store import Store
 
 
-def fetch_process(config: PullerConfig, jobs: Sequence[pipeline.Job], *,
-                  concurrency: int, worker: bool = False) -> fetcher.FetchProcess:
+def start_fetch_process(config: PullerConfig, jobs: Sequence[pipeline.Job], *,
+                        concurrency: int, worker: bool = False) -> fetcher.FetchProcess:
     """`--fetch-process`: forked before the event loop and the store's connections."""
     from puller import fetcher  # noqa: PLC0415 - lazy, as client
 
@@ -52,7 +52,21 @@ def appliers(dialect: str, concurrency: int) -> int:
     return max(1, min(concurrency, cores or 1))
 
 
-def pull_into_store(config: PullerConfig, jobs: Sequence[pipeline.Job],
+def pull_jobs(config: PullerConfig, jobs: Sequence[pipeline.Job], *, concurrency: int,
+              fetch_process: bool, live: bool = True) -> list[RunResult]:
+    """Pull the jobs into the store; with `fetch_process` (`--fetch-process`), through a
+    fetch process of their own, closed when the pull ends. It is forked before the store
+    is imported and opened: it imports and sets up its HTTP client while this process
+    opens the store (importing SQLAlchemy for PostgreSQL)."""
+    fetch = start_fetch_process(config, jobs, concurrency=concurrency) if fetch_process else None
+    try:
+        return _pull_into_store(config, jobs, fetch, concurrency=concurrency, live=live)
+    finally:
+        if fetch is not None:
+            fetch.close()
+
+
+def _pull_into_store(config: PullerConfig, jobs: Sequence[pipeline.Job],
                     fetch: fetcher.FetchProcess | None, *, concurrency: int,
                     live: bool = True) -> list[RunResult]:
     """Open the store, pull the jobs, close the store."""

@@ -18,10 +18,11 @@ import sqlalchemy as sa
 from puller import client, errors, schema
 from puller.config import PullerConfig
 from puller.domain import Checkpoint, Rejection, Scope
+from puller.ops_server import OpsServer
 from puller.records import validate_page
 from puller.store import Store
 from puller.tenant_server import Fault, TenantServer, make_customer, make_product
-from puller.worker import OpsServer, Worker
+from puller.worker import Worker
 from tests.conftest import BACKENDS, add_dataset, captured_logs
 
 FAST = {"startup_jitter": 0, "failure_backoff": "0.4s", "shutdown_grace": "5s"}

@@ -1,4 +1,4 @@
-"""Puller's requests and its reading of responses on a real socket (client.PageRequests,
+"""Puller's requests and its reading of responses on a real socket (page_requests.PageRequests,
 transport.GuardedTransport and Body): a loopback server that answers each request with
 bytes scripted here, and records what it was sent."""
 

@@ -1,4 +1,4 @@
-"""client.PageRequests: each page's request is the one httpx makes of the URL's text."""
+"""page_requests.PageRequests: each page's request is the one httpx makes of the URL's text."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from puller import protocol
-from puller.client import PageRequests
 from puller.domain import PageRequest
+from puller.page_requests import PageRequests
 
 BODY = protocol.request_body("shop.example.com")
 HEADERS = httpx.Headers({"User-Agent": "puller/0.1", "X-Api-Key": "k", "Content-Type":

@@ -21,12 +21,13 @@ Messages never carry URLs with query strings, header values or secrets.
 
 from __future__ import annotations
 
+# The `puller` command's exit codes (README, "Exit codes", says what each covers).
 EXIT_OK = 0
-"""Every run succeeded; the command did what it said."""
+"""Done: for `pull`, every run succeeded; for `run`, the worker stopped cleanly."""
 EXIT_FAILED = 1
-"""A run failed, the store failed, or the command was interrupted."""
+"""A run failed or was skipped, the store failed or is behind, or it was interrupted."""
 EXIT_USAGE = 2
-"""The command line or the config is wrong (ConfigError): nothing ran."""
+"""The command line or the config is wrong (ConfigError): nothing was pulled."""
 
 
 class Transient:

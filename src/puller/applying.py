@@ -165,57 +165,75 @@ async def _apply_pushed(
     (page size 500) and 6.55 -> 5.98 s (50; 5 rounds each), and 4.99 s with one applier.
     Cancelled, the sweep waits for the page in hand to commit; nothing after it is applied.
     """
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    busy = threading.Lock()  # held while a page is applied
-    # The loop is woken for a page only if it has something to do for it: a progress hook
-    # or the page_applied event (debug). Off a terminal and below debug, a page woke it for
-    # nothing: 200,000 customers at page size 50, the main process's CPU 4.55 -> 3.91 and
-    # 4.46 -> 4.07 s into SQLite (5 and 4 interleaved rounds), 3.34 -> 2.41 s into
-    # PostgreSQL (3); 100 tenants x 2,000 into SQLite 5.38 -> 4.99 s (5).
-    follow = on_page is not None or logs.debug_enabled()
-    halted = threading.Event()  # the end, a failure, a stop or a cancellation: no more
+    pushed = _Pushed(job, run_id, feed, sink=sink, clock=clock, on_page=on_page,
+                     should_stop=should_stop)
+    context = contextvars.copy_context()  # the run's log bindings
 
-    def step(take: Callable[[], Fetched | None]) -> None:
-        with busy:
-            if halted.is_set():
+    def in_context(take: Callable[[], Fetched | None]) -> None:
+        context.run(pushed.step, take)
+
+    feed.push_to(in_context)
+    try:
+        await pushed.done
+    except asyncio.CancelledError:
+        # No page after the one in hand, which commits before the run is recorded as
+        # interrupted, the lease released and the store closed.
+        pushed.halted.set()
+        await asyncio.shield(asyncio.to_thread(pushed.page_in_hand_done))
+        raise
+
+
+class _Pushed:
+    """One sweep's pages as the feed's thread applies them (_apply_pushed): `step` applies
+    the page that `take` gives, unless the sweep has halted; `done` is settled on the loop
+    at the sweep's end, failure, stop or cancellation."""
+
+    def __init__(self, job: Job, run_id: int, feed: PushFeed, *, sink: PageSink,
+                 clock: Clock, on_page: PageHook | None, should_stop: StopCheck | None
+                 ) -> None:
+        self._job, self._run_id, self._feed = job, run_id, feed
+        self._sink, self._clock = sink, clock
+        self._on_page, self._should_stop = on_page, should_stop
+        self._loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self._loop.create_future()
+        self._busy = threading.Lock()  # held while a page is applied
+        # The loop is woken for a page only if it has something to do for it: a progress
+        # hook or the page_applied event (debug). Off a terminal and below debug, a page
+        # woke it for nothing: 200,000 customers at page size 50, the main process's CPU
+        # 4.55 -> 3.91 and 4.46 -> 4.07 s into SQLite (5 and 4 interleaved rounds), 3.34 ->
+        # 2.41 s into PostgreSQL (3); 100 tenants x 2,000 into SQLite 5.38 -> 4.99 s (5).
+        self._follow = on_page is not None or logs.debug_enabled()
+        self.halted = threading.Event()  # the end, a failure, a stop or a cancellation
+
+    def step(self, take: Callable[[], Fetched | None]) -> None:
+        with self._busy:
+            if self.halted.is_set():
                 return
             outcome: BaseException | None = None
             try:
                 fetched = take()
                 if fetched is not None:
                     with logs.bound(page=fetched.request.label):
-                        applied = _store(job, run_id, fetched, sink=sink, clock=clock)
-                    feed.applied()
-                    if follow:
-                        loop.call_soon_threadsafe(_applied_page, job, fetched, applied, on_page)
-                    if fetched.following is None or should_stop is None or not should_stop():
+                        applied = _store(self._job, self._run_id, fetched, sink=self._sink,
+                                         clock=self._clock)
+                    self._feed.applied()
+                    if self._follow:
+                        self._loop.call_soon_threadsafe(_applied_page, self._job, fetched,
+                                                        applied, self._on_page)
+                    stop = self._should_stop
+                    if fetched.following is None or stop is None or not stop():
                         return
                     raise StopRequested
             except BaseException as exc:  # handed to the sweep, which raises it
                 outcome = exc
-            halted.set()
+            self.halted.set()
             with contextlib.suppress(RuntimeError):  # the loop is closed: the pull is over
-                loop.call_soon_threadsafe(_settle, done, outcome)
+                self._loop.call_soon_threadsafe(_settle, self.done, outcome)
 
-    def page_in_hand_done() -> None:
-        with busy:
+    def page_in_hand_done(self) -> None:
+        """Returns once the page being applied, if any, has committed."""
+        with self._busy:
             pass
-
-    context = contextvars.copy_context()  # the run's log bindings
-
-    def in_context(take: Callable[[], Fetched | None]) -> None:
-        context.run(step, take)
-
-    feed.push_to(in_context)
-    try:
-        await done
-    except asyncio.CancelledError:
-        # No page after the one in hand, which commits before the run is recorded as
-        # interrupted, the lease released and the store closed.
-        halted.set()
-        await asyncio.shield(asyncio.to_thread(page_in_hand_done))
-        raise
 
 
 def _settle(done: asyncio.Future[None], outcome: BaseException | None) -> None:

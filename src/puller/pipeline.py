@@ -126,15 +126,23 @@ async def _leased_sweep(
             # Shielded so an interrupted run is recorded as such before the task ends.
             await asyncio.shield(interrupted(run_id))
             raise
-        stats = await asyncio.to_thread(sink.finish_run, run_id, status=status,
-                                        now=clock.now(), error=error)
-        duration_s = clock.monotonic() - started
-        event = {"succeeded": log.info, "interrupted": log.warning}.get(status, log.error)
-        event(f"run_{status}", pages=stats.pages, accepted=stats.accepted,
-              rejected=stats.rejected, stale=stats.stale, normalised=stats.normalised,
-              acks_failed=stats.acks_failed, duration_s=round(duration_s, 3), error=error)
-    return RunResult(run_id=run_id, tenant=tenant, scope=scope, status=status, stats=stats,
-                     duration_s=duration_s, error=error)
+        return await _finished(job, run_id, sink=sink, clock=clock, started=started,
+                               status=status, error=error)
+
+
+async def _finished(job: Job, run_id: int, *, sink: PageSink, clock: Clock, started: float,
+                    status: RunStatus, error: str | None) -> RunResult:
+    """The run's row finished with `status`, its outcome logged and returned."""
+    log = logs.get_logger()
+    stats = await asyncio.to_thread(sink.finish_run, run_id, status=status, now=clock.now(),
+                                    error=error)
+    duration_s = clock.monotonic() - started
+    event = {"succeeded": log.info, "interrupted": log.warning}.get(status, log.error)
+    event(f"run_{status}", pages=stats.pages, accepted=stats.accepted,
+          rejected=stats.rejected, stale=stats.stale, normalised=stats.normalised,
+          acks_failed=stats.acks_failed, duration_s=round(duration_s, 3), error=error)
+    return RunResult(run_id=run_id, tenant=job.tenant.id, scope=job.scope, status=status,
+                     stats=stats, duration_s=duration_s, error=error)
 
 
 _INTERRUPTED = "interrupted (shutdown or signal); the next run resumes at the checkpoint"

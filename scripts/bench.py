@@ -358,45 +358,7 @@ def puller_config(folder: Path, url: str, store: str, size: int, tenants: int,
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="scripts/bench")
-    parser.add_argument("--records", type=int, default=100_000)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--page-sizes", default="50,500")
-    parser.add_argument("--modes", default="page", help="page,cursor")
-    parser.add_argument("--no-postgres", action="store_true")
-    parser.add_argument("--tenants", type=int, default=1, help="tenants, records each")
-    parser.add_argument("--scope", choices=("customer", "order", "product"), default="customer",
-                        help="what the tenants serve and puller pulls (issue #5: customer)")
-    parser.add_argument("--no-many", action="store_true",
-                        help="leave out the many-tenant target, measured by default with one "
-                        "tenant")
-    parser.add_argument("--many-tenants", type=int, default=100,
-                        help="tenants of the many-tenant target (issue #5: 100)")
-    parser.add_argument("--many-records", type=int, default=2_000,
-                        help="records of each of them (issue #5: 2,000 customers)")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--prefetch", type=int, default=None)
-    parser.add_argument("--parallel-pages", default="1",
-                        help="page requests in flight (page mode), e.g. 1,4 to compare")
-    parser.add_argument("--processes", default=None,
-                        help="puller pull --processes values to compare, e.g. 1,2 (default: "
-                        "1 with one tenant, 1,2 with several)")
-    parser.add_argument("--fetch-process", default=None,
-                        help="pull --fetch-process off/on, e.g. off,on to compare (default: "
-                        "off,on with one tenant, off with several)")
-    parser.add_argument("--latency-ms", type=float, default=0.0,
-                        help="the tenant server waits this long before each page")
-    parser.add_argument("--dlt", action="store_true",
-                        help=f"also load the pages with dlt ({DLT_REQUIREMENT}, installed in "
-                        f"{DLT_VENV.name} on first use)")
-    parser.add_argument("--floors", action="store_true",
-                        help="also measure what no pull can go below: puller's imports, and "
-                        "puller's SQLite page transactions alone")
-    parser.add_argument("--role", default="bench", help=argparse.SUPPRESS)
-    parser.add_argument("--folder", help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
-    parser.add_argument("--store", help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser = _parser()
     args = parser.parse_args()
     if args.scope != "customer" and (args.dlt or args.floors):
         parser.error(f"--dlt and --floors measure customers only: leave out --scope "
@@ -415,6 +377,56 @@ def main() -> int:
         roles[args.role]()
         return 0
     return bench(args, sizes)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The bench's options."""
+    parser = argparse.ArgumentParser(prog="scripts/bench")
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--page-sizes", default="50,500")
+    parser.add_argument("--modes", default="page", help="page,cursor")
+    parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--tenants", type=int, default=1, help="tenants, records each")
+    parser.add_argument("--scope", choices=("customer", "order", "product"), default="customer",
+                        help="what the tenants serve and puller pulls (issue #5: customer)")
+    parser.add_argument("--no-many", action="store_true",
+                        help="leave out the many-tenant target, measured by default with one "
+                        "tenant")
+    parser.add_argument("--many-tenants", type=int, default=100,
+                        help="tenants of the many-tenant target (issue #5: 100)")
+    parser.add_argument("--many-records", type=int, default=2_000,
+                        help="records of each of them (issue #5: 2,000 customers)")
+    parser.add_argument("--dlt", action="store_true",
+                        help=f"also load the pages with dlt ({DLT_REQUIREMENT}, installed in "
+                        f"{DLT_VENV.name} on first use)")
+    parser.add_argument("--floors", action="store_true",
+                        help="also measure what no pull can go below: puller's imports, and "
+                        "puller's SQLite page transactions alone")
+    _add_settings(parser)
+    parser.add_argument("--role", default="bench", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    """Puller's settings and the tenant's, each measured at one value or several."""
+    group = parser.add_argument_group("puller's settings and the tenant's, to compare")
+    group.add_argument("--concurrency", type=int, default=8)
+    group.add_argument("--prefetch", type=int, default=None)
+    group.add_argument("--parallel-pages", default="1",
+                       help="page requests in flight (page mode), e.g. 1,4 to compare")
+    group.add_argument("--processes", default=None,
+                       help="puller pull --processes values to compare, e.g. 1,2 (default: "
+                       "1 with one tenant, 1,2 with several)")
+    group.add_argument("--fetch-process", default=None,
+                       help="pull --fetch-process off/on, e.g. off,on to compare (default: "
+                       "off,on with one tenant, off with several)")
+    group.add_argument("--latency-ms", type=float, default=0.0,
+                       help="the tenant server waits this long before each page")
 
 
 def _pull_imports() -> None:

@@ -117,12 +117,14 @@ async def produce(
     slots. Pages are still handed on in order; when the sweep ends (or goes otherwise
     than predicted) the requests asked beyond it are cancelled and their answers, errors
     included, dropped.
+
+    Any error, not only a PullerError, is handed to `ahead`, whose consumer raises it: a
+    producer that died silently would leave the consumer waiting for the next page
+    forever.
     """
     width = job.callback.parallel_pages
-    check = validate or functools.partial(records.validate_page, job.scope,
-                                          normalize_case=job.tenant.normalize_case)
-    window: collections.deque[tuple[PageRequest, asyncio.Task[_Downloaded]]] = (
-        collections.deque())
+    check = validate or _validate_page(job)
+    window: _Window = collections.deque()
     asked: asyncio.Task[Envelope] | None = None  # width 1: the next page, asked for (_ask)
     request: PageRequest | None = paginator.first()
     try:
@@ -144,16 +146,13 @@ async def produce(
                 downloaded = await _next_in_window(job, request, paginator, source=source,
                                                    window=window, slots=slots, width=width,
                                                    validate=check)
-                with logs.bound(page=request.label):
-                    fetched = _in_order(job, request, downloaded, paginator)
+                fetched = _in_order(job, request, downloaded, paginator)
             await ahead.put(fetched)
             request = fetched.following
             if window and window[0][0] != request:
                 await _drop(window, slots)
         await ahead.put(None)
-    except Exception as exc:  # handed to the consumer, which raises it
-        # Anything, not only a PullerError: a producer that died silently would leave the
-        # consumer waiting for the next page forever.
+    except Exception as exc:  # handed to the consumer, which raises it (above)
         await ahead.put(exc)
     finally:
         if asked is not None:  # the sweep ended early (stopped, failed): its answer is dropped
@@ -189,8 +188,7 @@ overlaps less (tests/integration/test_pull.py says so if it comes to that)."""
 
 async def _next_in_window(
     job: Job, request: PageRequest, paginator: pagination.Paginator, *, source: PageSource,
-    window: collections.deque[tuple[PageRequest, asyncio.Task[_Downloaded]]],
-    slots: asyncio.Semaphore, width: int, validate: Validate,
+    window: _Window, slots: asyncio.Semaphore, width: int, validate: Validate,
 ) -> _Downloaded:
     """`request`'s page, with up to `width` predicted requests in flight behind it."""
     if not window:
@@ -208,8 +206,7 @@ async def _next_in_window(
 
 
 async def _drop(
-    window: collections.deque[tuple[PageRequest, asyncio.Task[_Downloaded]]],
-    slots: asyncio.Semaphore,
+    window: _Window, slots: asyncio.Semaphore,
 ) -> None:
     """Cancel requests asked ahead that are not needed; their answers are ignored."""
     await _dropped([task for _, task in window], slots)
@@ -230,6 +227,16 @@ async def _dropped(tasks: Sequence[asyncio.Task[Any]], slots: asyncio.Semaphore)
 class _Downloaded:
     envelope: Envelope
     page: ValidatedPage
+
+
+_Window = collections.deque[tuple[PageRequest, asyncio.Task[_Downloaded]]]
+"""With parallel_pages > 1: the requests in flight, in page order, each with its task."""
+
+
+def _validate_page(job: Job) -> Validate:
+    """records.validate_page for `job`'s pages: how a page is validated by default."""
+    return functools.partial(records.validate_page, job.scope,
+                             normalize_case=job.tenant.normalize_case)
 
 
 def _download_task(job: Job, request: PageRequest, source: PageSource, validate: Validate
@@ -257,8 +264,10 @@ def _in_order(job: Job, request: PageRequest, downloaded: _Downloaded,
               paginator: pagination.Paginator) -> Fetched:
     """The tenant's status, the meta check and the next request: in page order."""
     envelope = downloaded.envelope
-    return Fetched(request=request, following=_following(job, request, envelope, paginator),
-                   page=downloaded.page, records=len(envelope.data))
+    with logs.bound(page=request.label):
+        following = _following(job, request, envelope, paginator)
+    return Fetched(request=request, following=following, page=downloaded.page,
+                   records=len(envelope.data))
 
 
 def _following(job: Job, request: PageRequest, envelope: Envelope,

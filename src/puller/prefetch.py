@@ -205,9 +205,7 @@ async def _next_in_window(
     return await task
 
 
-async def _drop(
-    window: _Window, slots: asyncio.Semaphore,
-) -> None:
+async def _drop(window: _Window, slots: asyncio.Semaphore) -> None:
     """Cancel requests asked ahead that are not needed; their answers are ignored."""
     await _dropped([task for _, task in window], slots)
     window.clear()

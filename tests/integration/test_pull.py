@@ -632,6 +632,73 @@ async def test_a_producer_ended_early_drops_the_page_it_asked_for_ahead(
     assert slots.locked()
 
 
+class _FivePages:
+    """A page source of five pages of one customer each, answered at once."""
+
+    async def fetch_page(self, request: Any) -> bytes:
+        await asyncio.sleep(0)
+        return orjson.dumps({"status": "success", "meta": {"has_next_page": request.page < 5},
+                             "data": [make_customer(request.page)]})
+
+    async def acknowledge(self, ack: Any) -> None:
+        raise AssertionError("pages are not acknowledged here")
+
+
+class _AppliedAtOnce:
+    """An Ahead whose consumer takes each page at once and applies it (frees its slot)."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self.slots = slots
+        self.pages = 0
+
+    async def put(self, item: Any) -> None:
+        if isinstance(item, BaseException):
+            raise item
+        if item is not None:
+            self.pages += 1
+            self.slots.release()
+
+
+async def test_with_other_sweeps_fetching_a_page_is_validated_right_after_it_is_parsed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Several sweeps fetching in one event loop: between a page's parsing and its
+    validation, no other sweep's page is parsed or validated (its records stay in the CPU's
+    caches; prefetch._SEND_YIELDS). Alone, a sweep still asks for the next page before it
+    validates this one (test_the_next_page_is_asked_for_while_this_one_is_validated)."""
+    trace: list[tuple[str, str]] = []
+    parse = prefetch.protocol.parse_envelope
+
+    def traced_parse(body: bytes, *, where: Any) -> Any:
+        trace.append(("parse", where.tenant))
+        return parse(body, where=where)
+
+    monkeypatch.setattr(prefetch.protocol, "parse_envelope", traced_parse)
+
+    async def sweep(tenant: str) -> int:
+        config = TenantConfig.model_validate({
+            "id": tenant, "shop": f"{tenant}.test",
+            "callbacks": {"customer": {"url": f"https://{tenant}.test/c"}}})
+        job = pipeline.Job(tenant=config, scope=Scope.CUSTOMER)
+        slots = asyncio.Semaphore(job.callback.effective_prefetch + 1)
+        applied = _AppliedAtOnce(slots)
+
+        def validate(raws: Any) -> Any:
+            trace.append(("validate", tenant))
+            return validate_page(Scope.CUSTOMER, raws)
+
+        await prefetch.produce(job, prefetch.paginator_for(job.callback, Checkpoint()),
+                               source=_FivePages(), ahead=applied, slots=slots,
+                               validate=validate)
+        return applied.pages
+
+    assert await asyncio.gather(*(sweep(t) for t in ("ta", "tb", "tc"))) == [5, 5, 5]
+    assert len(trace) == 30
+    parsed = [i for i, (what, _) in enumerate(trace) if what == "parse"]
+    assert [trace[i + 1] for i in parsed] == [("validate", trace[i][1]) for i in parsed]
+    assert len({tenant for _, tenant in trace[:6]}) > 1, "the sweeps took turns"
+
+
 class _BrokenSource:
     """A page source with a defect: it raises something that is no PullerError."""
 

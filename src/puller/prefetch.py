@@ -285,19 +285,14 @@ def _download_task(job: Job, request: PageRequest, source: PageSource, validate:
 async def _download(job: Job, request: PageRequest, source: PageSource,
                     validate: Validate) -> _Downloaded:
     """fetch → parse → validate: what can run ahead, out of order."""
-    envelope = await _envelope(job, request, source)
+    body = await _body(request, source)
     with logs.bound(page=request.label):
+        envelope = _parsed(job, request, body)
         return _Downloaded(envelope, validate(envelope.data))
 
 
-async def _envelope(job: Job, request: PageRequest, source: PageSource) -> Envelope:
-    """fetch → parse."""
-    with logs.bound(page=request.label):
-        return _parsed(job, request, await source.fetch_page(request))
-
-
 async def _body(request: PageRequest, source: PageSource) -> bytes:
-    """fetch: a page's body, parsed where it is validated next (produce)."""
+    """fetch: a page's body, parsed just before it is validated (produce, _download)."""
     with logs.bound(page=request.label):
         return await source.fetch_page(request)
 

@@ -36,20 +36,25 @@ def start_fetch_process(config: PullerConfig, jobs: Sequence[pipeline.Job], *,
 
 def appliers(dialect: str, concurrency: int) -> int:
     """The threads that apply `--fetch-process` pages: one on SQLite, which takes one
-    writer at a time; on PostgreSQL one per concurrent sweep, at most one per core (a page
-    is written on its run's lease connection). The pages of every sweep come from one
-    fetch process, which keeps one core busy; more statements at once than cores only
-    contend for them, in this process (GIL hand-offs among the threads) and in a server on
-    the same machine. 100 tenants x 2,000 customers, --concurrency 8, two cores, six
-    interleaved A/B sets of 3-7 rounds on 2026-11-27: the median pull 1-13% shorter with 2
-    appliers than with 8 in each (page size 50: 5.94 -> 5.19, 6.18 -> 5.52, 5.82 -> 5.13,
-    5.15 -> 5.10, 6.80 -> 6.55 s; 500: 3.00 -> 2.81 s), the main process's CPU 0.2-0.3 s
-    less at page size 50. One applier is no better than two: page size 50, 6 interleaved
-    rounds (2026-11-27, 16:35), median 9.60 s against 8.25 s with two."""
+    writer at a time; on PostgreSQL one per concurrent sweep, at most one more than the
+    cores (a page is written on its run's lease connection). The pages of every sweep come
+    from one fetch process, which keeps one core busy; while one applier's statement waits
+    for the server's commit (its fsync), another's runs, but many more statements at once
+    than cores only contend for them, in this process (GIL hand-offs among the threads)
+    and in a server on the same machine. 100 tenants x 2,000 customers, --concurrency 8,
+    two cores, six interleaved A/B sets of 3-7 rounds on 2026-11-27: the median pull 1-13%
+    shorter with 2 appliers than with 8 in each (page size 50: 5.94 -> 5.19, 6.18 -> 5.52,
+    5.82 -> 5.13, 5.15 -> 5.10, 6.80 -> 6.55 s; 500: 3.00 -> 2.81 s), the main process's
+    CPU 0.2-0.3 s less at page size 50. One applier is no better than two: page size 50, 6
+    interleaved rounds (2026-11-27, 16:35), median 9.60 s against 8.25 s with two. Three
+    against two (2026-11-28, page size 50): 7.30 against 8.22 s (4 rounds), 7.41 against
+    7.69 s (5) and 7.81 against 8.13 s (6, faster in 5), the fetch process's CPU 0.1-0.5 s
+    less; page size 500: 4.46 against 4.54 s (6, faster in 4). Four: 7.55 and 7.78 s at
+    page size 50 in the first two sets, 4.55 against 4.87 s at 500 (4 rounds)."""
     if dialect == "sqlite":
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(concurrency, cores or 1))
+    return max(1, min(concurrency, (cores or 1) + 1))
 
 
 def pull_jobs(config: PullerConfig, jobs: Sequence[pipeline.Job], *, concurrency: int,

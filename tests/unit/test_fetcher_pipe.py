@@ -52,10 +52,10 @@ async def test_control_messages_are_read_whole_however_the_pipe_splits_them(piec
     assert got == [*messages, None]
 
 
-def test_appliers_one_on_sqlite_and_at_most_one_a_core_on_postgresql(
+def test_appliers_one_on_sqlite_and_at_most_one_more_than_the_cores_on_postgresql(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from puller import pulls
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
     assert [pulls.appliers("sqlite", n) for n in (1, 8)] == [1, 1]
-    assert [pulls.appliers("postgresql", n) for n in (1, 2, 8)] == [1, 2, 2]
+    assert [pulls.appliers("postgresql", n) for n in (1, 2, 3, 8)] == [1, 2, 3, 3]

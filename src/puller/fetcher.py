@@ -24,8 +24,8 @@ which is the busier of the two; a clean customer page is built into that form st
 from validation, fetch_serve._Out.validate). A reader thread hands each page to its sweep:
 without a commit_url to an applier thread, which applies its sweeps' pages in the order they arrive
 (pipeline.PushFeed; one applier thread for every sweep on SQLite, which takes one writer at
-a time, on PostgreSQL one per concurrent sweep up to one per core, each sweep's pages on one
-of them: pulls.appliers), else to the event loop. Acknowledgements (`commit_url`) stay
+a time, on PostgreSQL one per concurrent sweep up to one more than the cores, each sweep's
+pages on one of them: pulls.appliers), else to the event loop. Acknowledgements (`commit_url`) stay
 with the main process: they follow the page's commit. Without a commit_url (or a tenant's
 ca_bundle to check) the main process makes no request and imports no HTTP client: the
 fetch process imports it after the fork.

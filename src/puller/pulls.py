@@ -49,8 +49,8 @@ def appliers(dialect: str, concurrency: int) -> int:
     interleaved rounds (2026-11-27, 16:35), median 9.60 s against 8.25 s with two. Three
     against two (2026-11-28, page size 50): 7.30 against 8.22 s (4 rounds), 7.41 against
     7.69 s (5) and 7.81 against 8.13 s (6, faster in 5), the fetch process's CPU 0.1-0.5 s
-    less; page size 500: 4.46 against 4.54 s (6, faster in 4). Four: 7.55 and 7.78 s at
-    page size 50 in the first two sets, 4.55 against 4.87 s at 500 (4 rounds)."""
+    less; page size 500: 4.79 against 4.87 s (4) and 4.46 against 4.54 s (6, faster in
+    4). Four, in the same sets: 7.55 and 7.78 s at page size 50, 4.55 s at 500."""
     if dialect == "sqlite":
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

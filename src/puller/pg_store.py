@@ -50,13 +50,21 @@ SCHEMA_LOCK = 1  # second key of the advisory lock that serialises schema upgrad
 TIMES = ("last_modified_date", "deleted_at")
 """A record table's timestamptz columns from the page (store.Store checks them)."""
 _FROM_PAGE = ("tenant_id", "run_id", "stored_at")  # bound once per page, not per row
-_START_RUN = (
-    "WITH abandoned AS (UPDATE runs SET status = 'abandoned', finished_at = %s, error = %s "
-    "WHERE tenant_id = %s AND scope = %s AND status = 'running') "
-    "INSERT INTO runs (tenant_id, scope, trigger, status, started_at, pages, accepted, "
-    "rejected, stale, normalised, acks_failed, worker) VALUES "
-    "(%s, %s, %s, 'running', %s, 0, 0, 0, 0, 0, 0, %s) RETURNING id"
-)
+
+
+@cache
+def start_statement(scope: Scope) -> str:
+    """A run's start: the run's row, `running`, a run of this (tenant, scope) left `running`
+    marked abandoned; it returns the run's id and whether the scope's table holds no record
+    of the tenant yet (PgStore._first_load)."""
+    return (  # constant text and puller's identifiers only; every value is bound
+        "WITH abandoned AS (UPDATE runs SET status = 'abandoned', finished_at = %s, "  # noqa: S608
+        "error = %s WHERE tenant_id = %s AND scope = %s AND status = 'running') "
+        "INSERT INTO runs (tenant_id, scope, trigger, status, started_at, pages, accepted, "
+        "rejected, stale, normalised, acks_failed, worker) VALUES "
+        "(%s, %s, %s, 'running', %s, 0, 0, 0, 0, 0, 0, %s) RETURNING id, "
+        f'NOT EXISTS (SELECT 1 FROM "{TABLES[scope]}" WHERE tenant_id = %s)'
+    )
 
 
 def _first_row(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...] | None:
@@ -89,9 +97,10 @@ def _column_type(scope: Scope, name: str) -> str:
 
 
 @cache
-def record_statement(scope: Scope) -> str:
+def record_statement(scope: Scope, *, first_load: bool = False) -> str:
     """The page upsert: INSERT … SELECT FROM the page document (forms.pg_document, keyed
-    by forms.PG_KEYS) … ON CONFLICT DO UPDATE … WHERE newer, RETURNING the id."""
+    by forms.PG_KEYS) … ON CONFLICT DO UPDATE … WHERE newer, RETURNING the id.
+    `first_load`: a plain INSERT, without the ON CONFLICT clause (PgStore._first_load)."""
     table, key = TABLES[scope], scope.id_field
     names = ["tenant_id", *record_columns(scope), "run_id", "stored_at"]
     keys = PG_KEYS[scope]  # the document's key of each column
@@ -106,18 +115,20 @@ def record_statement(scope: Scope) -> str:
               f"AS r({', '.join(fields)})")
     quoted = ", ".join(f'"{n}"' for n in names)
     # Identifiers are puller's own, never from input; every value is a bound parameter.
-    return (f'INSERT INTO "{table}" ({quoted}) {source} '
-            f'{upsert_clause(table, names, key)} RETURNING "{key}"')
+    upsert = "" if first_load else f"{upsert_clause(table, names, key)} "
+    return f'INSERT INTO "{table}" ({quoted}) {source} {upsert}RETURNING "{key}"'
+
 
 
 @cache
-def page_statement(scope: Scope, *, rejects: bool) -> str:
+def page_statement(scope: Scope, *, rejects: bool, first_load: bool = False) -> str:
     """One PostgreSQL statement for a whole page: upsert the records, insert the rejections
     (`rejects`: the page has some), add to the run's counters (stale = offered - applied),
     move the checkpoint. Run alone, in autocommit, it is one transaction and one round trip;
     it returns the applied count. Without rejections the statement has no insert into
     rejected_records: at page size 50 that part alone was ~8% of PostgreSQL's CPU and ~10%
-    of the statements' time, though it inserted nothing."""
+    of the statements' time, though it inserted nothing. `first_load`: the records by a
+    plain INSERT (record_statement)."""
     rejected = (
         "rej AS (INSERT INTO rejected_records (tenant_id, scope, run_id, page, position, "
         "record, reasons, rejected_at) SELECT %(tenant_id)s, %(scope)s, %(run_id)s, %(page)s, "
@@ -126,7 +137,7 @@ def page_statement(scope: Scope, *, rejects: bool) -> str:
         "reasons jsonb)), "
     ) if rejects else ""
     return (  # constant text and puller's identifiers only; every value is bound
-        f"WITH up AS ({record_statement(scope)}), {rejected}"  # noqa: S608
+        f"WITH up AS ({record_statement(scope, first_load=first_load)}), {rejected}"  # noqa: S608
         "n AS (SELECT count(*) AS applied FROM up), "
         "cnt AS (UPDATE runs SET pages = pages + 1, accepted = accepted + n.applied, "
         "rejected = rejected + %(rejected)s, stale = stale + %(offered)s - n.applied, "
@@ -155,20 +166,35 @@ def page_params(document: str, rejections: Sequence[Rejection],
     return params
 
 
+class KeyStored(Exception):
+    """A first-load page statement met a record already stored (write_page); it wrote
+    nothing."""
+
+
 def write_page(
     conn: psycopg.Connection[Any], *, rows: StoreRows, rejections: Sequence[Rejection],
     checkpoint: Checkpoint, scope: Scope, tenant: str, run_id: int, page: str,
-    normalised: int, now: datetime,
+    normalised: int, now: datetime, first_load: bool = False,
 ) -> PageOutcome:
-    """The page statement on a psycopg connection: in autocommit, the page's transaction."""
+    """The page statement on a psycopg connection: in autocommit, the page's transaction.
+
+    Raises:
+        KeyStored: `first_load` (only in autocommit), and a record of the page is stored
+            already; the statement's transaction wrote nothing, write the page without it.
+    """
     import psycopg  # noqa: PLC0415 - the caller has it loaded already
 
     offered = rows.survivors + rows.duplicates  # every accepted record not applied is stale
     params = page_params(rows.payload, rejections, checkpoint, scope, tenant=tenant,
                          run_id=run_id, page=page, offered=offered, normalised=normalised,
                          now=now)
+    statement = page_statement(scope, rejects=bool(rejections), first_load=first_load)
     try:
-        row = conn.execute(page_statement(scope, rejects=bool(rejections)), params).fetchone()
+        row = conn.execute(statement, params).fetchone()
+    except psycopg.errors.UniqueViolation as exc:
+        if first_load and exc.diag.table_name == TABLES[scope]:  # its only unique key
+            raise KeyStored from exc
+        raise store_error(exc) from exc
     except psycopg.Error as exc:
         raise store_error(exc) from exc
     assert row is not None  # the statement always returns its one count row
@@ -232,7 +258,17 @@ class PgStore:
     starts and its pages are written (a lease lost with its connection fails the write
     itself); connections are kept for the next run (the server starts a process for each
     new one). A run's finish, a failed acknowledgement, and anything without a lease
-    (tests, tools) go through one more connection, taken in turn."""
+    (tests, tools) go through one more connection, taken in turn.
+
+    A first load: when a run starts (with its lease) and the scope's table holds no record
+    of the tenant, its pages' records are written by a plain INSERT, not an upsert, until a
+    record is met that is stored already (a record served twice in the run): that page's
+    statement fails on the primary key having written nothing (PostgreSQL logs the error),
+    and from it on the run's pages are upserted as always. The upsert's conflict check is a
+    quarter of PostgreSQL's CPU for a page of new records (200 pages of 500 customers:
+    0.75 s against 0.95 s of statements, 3 rounds), and one tenant's pages are one chain of
+    statements in the server: a first pull of 100,000 customers at page size 500 took
+    1.21 s against 1.41 s (4 interleaved rounds)."""
 
     def __init__(self, info: str) -> None:
         import psycopg  # noqa: PLC0415 - only a pull into PostgreSQL needs it
@@ -240,6 +276,7 @@ class PgStore:
         self._psycopg = psycopg
         self._info = info
         self._held: dict[tuple[str, str], psycopg.Connection[Any]] = {}
+        self._first_load: set[tuple[str, str]] = set()
         self._idle: list[psycopg.Connection[Any]] = []
         self._pool_lock = threading.Lock()
         self._books_lock = threading.Lock()
@@ -333,6 +370,7 @@ class PgStore:
             yield held
         finally:
             self._held.pop(name, None)
+            self._first_load.discard(name)
             kept = False
             with suppress(psycopg.Error):  # a dead connection took its lock with it
                 if held:
@@ -357,10 +395,13 @@ class PgStore:
     def start_run(self, tenant: str, scope: Scope, *, trigger: str, now: datetime) -> int:
         """The run's row, `running`; a run of this (tenant, scope) left `running` (its
         process gone, its lease with it) is marked abandoned in the same statement."""
-        row = self._one(_START_RUN, (now, ABANDONED, tenant, scope.value,
-                                     tenant, scope.value, trigger, now, worker_id()),
-                        (tenant, scope.value))
+        name = (tenant, scope.value)
+        row = self._one(start_statement(scope), (now, ABANDONED, tenant, scope.value, tenant,
+                                                 scope.value, trigger, now, worker_id(),
+                                                 tenant), name)
         assert row is not None  # an INSERT … RETURNING's row
+        if row[1] and name in self._held:
+            self._first_load.add(name)
         return int(row[0])
 
     def load_checkpoint(self, tenant: str, scope: Scope) -> Checkpoint:
@@ -378,8 +419,14 @@ class PgStore:
             write_page, rows=forms.page_rows(accepted, rows, scope, "postgresql"),
             rejections=rejections, checkpoint=checkpoint, scope=scope, tenant=tenant,
             run_id=run_id, page=page, normalised=normalised, now=now)
-        leased = self._held.get((tenant, scope.value))
+        name = (tenant, scope.value)
+        leased = self._held.get(name)
         if leased is not None:
+            if name in self._first_load:
+                try:
+                    return write(leased, first_load=True)
+                except KeyStored:  # a record served twice in the run: upsert from here on
+                    self._first_load.discard(name)
             return write(leased)
         with self._books_lock:  # a caller without the lease (tests, tools)
             return write(self._books)

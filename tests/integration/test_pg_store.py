@@ -13,7 +13,7 @@ from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import make_url
 
 from puller import errors, migration, pg_store, schema
-from puller.domain import Checkpoint, Scope
+from puller.domain import Accepted, Checkpoint, Scope
 from puller.pg_store import PgStore
 from puller.store import Store, create_store_engine
 from tests.integration.test_schema_and_leases import _schema_of
@@ -128,6 +128,61 @@ def test_it_writes_what_store_reads_and_shares_its_leases(store_url: str) -> Non
     finally:
         store.close()
         raw.close()
+
+
+def _product(number: int, minutes: int) -> Accepted:
+    return Accepted(f"p{number}", NOW + timedelta(minutes=minutes), None,
+                    {"payload": {"version": minutes}}, number)
+
+
+@POSTGRES
+def test_a_first_load_inserts_until_a_record_comes_again_then_upserts(store_url: str) -> None:
+    """A run that starts with none of the tenant's records stored writes its pages by plain
+    INSERT. A record served again later in the run fails that page's first statement,
+    which writes nothing, and the page is upserted, as every page after it: the newest
+    version wins, and the counters and the checkpoint are the pages'. A tenant with records
+    stored is upserted from its run's start."""
+    raw = PgStore.open(_info(store_url))
+    name = ("t1", Scope.PRODUCT.value)
+    try:
+        with raw.lease("t1", Scope.PRODUCT):
+            run_id = raw.start_run("t1", Scope.PRODUCT, trigger="manual", now=NOW)
+            assert name in raw._first_load
+
+            def page(number: int, records: list[Accepted]) -> tuple[int, int]:
+                outcome = raw.apply_page(
+                    run_id=run_id, tenant="t1", scope=Scope.PRODUCT, page=str(number),
+                    accepted=records, rejections=[], normalised=0, now=NOW,
+                    checkpoint=Checkpoint(next_number=number + 1, next_page=number + 1))
+                return outcome.applied, outcome.stale
+
+            assert page(1, [_product(1, 1), _product(2, 1)]) == (2, 0)
+            assert name in raw._first_load
+            assert page(2, [_product(3, 1), _product(1, 5)]) == (2, 0)  # p1 again, newer
+            assert name not in raw._first_load
+            assert page(3, [_product(2, 0), _product(4, 1)]) == (1, 1)  # p2 again, older
+            stats = raw.finish_run(run_id, status="succeeded", now=NOW)
+        assert name not in raw._first_load
+        assert (stats.pages, stats.accepted, stats.stale) == (3, 5, 1)
+        assert raw.load_checkpoint("t1", Scope.PRODUCT) == Checkpoint(4, 4, None)
+        with raw.lease("t1", Scope.PRODUCT):
+            raw.start_run("t1", Scope.PRODUCT, trigger="manual", now=NOW)
+            assert name not in raw._first_load  # t1 has records now
+        with raw.lease("t2", Scope.PRODUCT):
+            raw.start_run("t2", Scope.PRODUCT, trigger="manual", now=NOW)
+            assert ("t2", Scope.PRODUCT.value) in raw._first_load  # t2 has none
+    finally:
+        raw.close()
+    engine = create_store_engine(store_url)
+    try:
+        with engine.connect() as conn:
+            stored = conn.exec_driver_sql(
+                "SELECT product_id, payload->>'version', run_id FROM products "
+                "ORDER BY product_id").all()
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in stored] == [
+        ("p1", "5", run_id), ("p2", "1", run_id), ("p3", "1", run_id), ("p4", "1", run_id)]
 
 
 def test_an_unreachable_database_is_a_store_error_with_what_to_do() -> None:

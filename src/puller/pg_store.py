@@ -119,7 +119,6 @@ def record_statement(scope: Scope, *, first_load: bool = False) -> str:
     return f'INSERT INTO "{table}" ({quoted}) {source} {upsert}RETURNING "{key}"'
 
 
-
 @cache
 def page_statement(scope: Scope, *, rejects: bool, first_load: bool = False) -> str:
     """One PostgreSQL statement for a whole page: upsert the records, insert the rejections
@@ -264,11 +263,12 @@ class PgStore:
     of the tenant, its pages' records are written by a plain INSERT, not an upsert, until a
     record is met that is stored already (a record served twice in the run): that page's
     statement fails on the primary key having written nothing (PostgreSQL logs the error),
-    and from it on the run's pages are upserted as always. The upsert's conflict check is a
-    quarter of PostgreSQL's CPU for a page of new records (200 pages of 500 customers:
+    and from that page on the run's pages are upserted as always. The upsert's conflict
+    check is a quarter of PostgreSQL's CPU for a page of new records (200 pages of 500 customers:
     0.75 s against 0.95 s of statements, 3 rounds), and one tenant's pages are one chain of
-    statements in the server: a first pull of 100,000 customers at page size 500 took
-    1.21 s against 1.41 s (4 interleaved rounds)."""
+    statements in the server: a first pull of 100,000 customers with --fetch-process took
+    1.36 s against 1.60 s at page size 500 (medians of 4 interleaved rounds), 2.29 against
+    2.78 s at 50 (3). docs/performance-log.md, 2026-11-28 (07:24-)."""
 
     def __init__(self, info: str) -> None:
         import psycopg  # noqa: PLC0415 - only a pull into PostgreSQL needs it
